@@ -1,0 +1,1 @@
+"""The meterd daemon: links, buses, plans, journal, sinks and the ops surface (asyncio)."""
