@@ -236,7 +236,7 @@ class Meter:
             self._clear(fn, operator, now)
             return [normal_reply(self.address, fn)]
         if fn in (0x18, 0x0F):
-            pair = body[4:] if fn == 0x18 else body
+            pair = body  # 2007: the DI 04000C0n was split off by parse_request
             if len(pair) != 8 or not self._check(pair[0], pair[1:4]):
                 return [self._error(fn, unauthorized)]
             self.passwords[pair[4]] = pair[5:8][::-1].hex()

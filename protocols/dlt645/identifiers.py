@@ -221,7 +221,8 @@ for kk, (kind, depth) in FREEZE_KINDS.items():
         item(base | 0x1000, f"{kind}_freeze_power_last{n}", f"{kind} freeze powers",
              members=FREEZE_VARIABLES, fixed=True)
         record.append(base | 0x1000)
-        item(base | 0xFF00, f"{kind}_freeze_last{n}", f"{kind} freeze, whole record", members=tuple(record))
+        item(base | 0xFF00, f"{kind}_freeze_last{n}", f"{kind} freeze, whole record", members=tuple(record),
+             fixed=True)
 for n in range(1, 255):  # hourly freezes keep only the time and the two active totals
     base = 0x05040000 | n
     item(base, f"hourly_freeze_time_last{n}", "hourly freeze time", STAMP)
