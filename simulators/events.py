@@ -30,8 +30,9 @@ class Events:
     __slots__ = ("counts", "records")
 
     def __init__(self) -> None:
-        self.records: dict[str, list[dict[str, Any]]] = {p: [] for p in PREFIXES}
-        self.counts: dict[str, int] = dict.fromkeys(PREFIXES, 0)
+        # Only kinds that have happened are stored: most meters have few events, and a fleet has many meters.
+        self.records: dict[str, list[dict[str, Any]]] = {}
+        self.counts: dict[str, int] = {}
 
     @classmethod
     def with_history(cls, seed: int, now_clock: float) -> Events:
@@ -49,14 +50,15 @@ class Events:
         return events
 
     def add(self, kind: str, record: dict[str, Any]) -> None:
-        self.records[kind].insert(0, record)
-        del self.records[kind][DEPTH:]
-        self.counts[kind] += 1
+        records = self.records.setdefault(kind, [])
+        records.insert(0, record)
+        del records[DEPTH:]
+        self.counts[kind] = self.counts.get(kind, 0) + 1
 
     def clear(self, kind: str | None = None) -> None:
         for k in [kind] if kind else list(PREFIXES):
-            self.records[k].clear()
-            self.counts[k] = 0
+            self.records.pop(k, None)
+            self.counts.pop(k, None)
 
     def owns(self, name: str) -> bool:
         for kind in PREFIXES:
@@ -74,8 +76,8 @@ class Events:
             raise NoData
         field = name[len(kind) + 1 :]
         if field == "count":
-            return self.counts[kind]
-        records = self.records[kind]
+            return self.counts.get(kind, 0)
+        records = self.records.get(kind, [])
         if not 1 <= index <= len(records):
             raise NoData
         record = records[index - 1]

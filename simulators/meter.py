@@ -36,11 +36,21 @@ from simulators.registers import Registers, to_datetime
 from simulators.relay import Relay
 
 SYNC_TIME = Time("YYMMDDhhmmss")
+DEFAULT_PASSWORDS = {2: "000000", 4: "000000"}
 WRITABLE_CLOCK = {0x04000101: "date", 0x04000102: "time", 0xC010: "date", 0xC011: "time"}
 
 
 class Meter:
-    """A meter that behaves like a real one; see the module docstring for the contract."""
+    """A meter that behaves like a real one; see the module docstring for the contract.
+
+    Slotted and lazy (shared load shapes, no registers object, follow-up and
+    written-parameter stores created on first use): a fleet holds 100,000.
+    """
+
+    __slots__ = ("_balance", "_born", "_follow", "_last_reply", "address", "baud", "clock_offset_s",
+                 "clock_set_at", "consumption", "drift_ppm", "edition", "events", "load_override", "meter_number",
+                 "passwords", "pf", "phases", "prepaid", "price", "relay", "relay_stuck", "seed", "tariffs", "truth",
+                 "tz_offset_s", "written")
 
     def __init__(self, address: str, *, edition: int = 2007, seed: int | None = None, phases: int = 1,
                  tariffs: int = 4, baud: int = 2400, passwords: dict[int, str] | None = None,
@@ -52,7 +62,7 @@ class Meter:
         self.phases = phases
         self.tariffs = tariffs
         self.baud = baud
-        self.passwords = passwords if passwords is not None else {2: "000000", 4: "000000"}
+        self.passwords = passwords if passwords is not None else DEFAULT_PASSWORDS  # replaced, never mutated
         self.meter_number = address
         self.prepaid = prepaid
         self.price = price
@@ -70,12 +80,12 @@ class Meter:
         self.relay = Relay(trip_delay_s)
         self.relay_stuck = False
         self.events = Events.with_history(s, self.clock_local(now))
-        self.written: dict[str, bytes] = {}
-        self.registers = Registers(self)
+        self.written: dict[str, bytes] | None = None
         self.truth: Counter[str] = Counter()
-        self._balance = (balance, self.consumption.energy(self.real_local(now))[0])
-        self._follow: dict[int, list[bytes]] = {}
-        self._last_reply: list[bytes] = []
+        self._born = now
+        self._balance: tuple[float, float | None] = (balance, None)  # energy reference taken on first use
+        self._follow: dict[int, list[bytes]] | None = None
+        self._last_reply: list[bytes] | None = None
 
     # --- time ------------------------------------------------------------------------------------
     def real_local(self, now: float) -> float:
@@ -107,6 +117,9 @@ class Meter:
 
     def balance(self, real: float) -> float:
         start, at_energy = self._balance
+        if at_energy is None:
+            at_energy = self.consumption.energy(self.real_local(self._born))[0]
+            self._balance = (start, at_energy)
         return round(start - self.price * (self.consumption.energy(real)[0] - at_energy), 2)
 
     def electrical(self, name: str, real: float) -> float:
@@ -180,23 +193,24 @@ class Meter:
             self._set_clock_from(body, now)
             return []
         if fn in (0x11, 0x01) and di is not None:
-            payload = None if body else self.registers.payload(di, now)  # load-profile forms: not kept
+            payload = None if body else Registers(self).payload(di, now)  # load-profile forms: not kept
             if payload is None:
                 return [self._error(fn, no_data)]
             frames = read_reply(self.address, di, payload, self.edition)
-            self._follow[di] = frames[1:]
+            if len(frames) > 1:
+                self._follow = {di: frames[1:]}
             return frames[:1]
         if fn in (0x12, 0x02) and di is not None:
-            pending = self._follow.get(di) or []
+            pending = (self._follow or {}).get(di) or []
             index = (seq or 1) - 1 if not old else 0
             if index >= len(pending):
                 return [self._error(fn, no_data)]
             frame_bytes = pending[index]
-            if old:
+            if old and self._follow is not None:
                 self._follow[di] = pending[1:]
             return [frame_bytes]
         if fn == 0x03 and old:
-            return self._last_reply
+            return self._last_reply or []
         if fn == 0x13 and not old and "A" in frame.address:
             return [normal_reply(self.address, 0x13, bytes.fromhex(self.address)[::-1])]
         if fn in (0x15, 0x0A):
@@ -239,7 +253,7 @@ class Meter:
             pair = body  # 2007: the DI 04000C0n was split off by parse_request
             if len(pair) != 8 or not self._check(pair[0], pair[1:4]):
                 return [self._error(fn, unauthorized)]
-            self.passwords[pair[4]] = pair[5:8][::-1].hex()
+            self.passwords = {**self.passwords, pair[4]: pair[5:8][::-1].hex()}
             return [normal_reply(self.address, fn, pair[4:8])]
         if fn == 0x16:
             return [normal_reply(self.address, fn)]
@@ -267,7 +281,7 @@ class Meter:
         elif item.name == "trip_delay":
             self.relay.trip_delay_s = int(field.fmt.decode(value)) * 60
         else:
-            self.written[item.name] = value
+            self.written = {**(self.written or {}), item.name: value}
         self.events.add("programming", {"time": self.clock_datetime(now), "operator": "00000000",
                                         **{f"di_{k}": "00000000" for k in range(2, 11)}, "di_1": f"{di:08X}"})
         return [normal_reply(self.address, fn)]

@@ -67,7 +67,7 @@ class Registers:
         item = lookup(di, m.edition)
         if item is None or (not item.fields and not item.members):
             return None
-        if item.name in m.written:
+        if m.written and item.name in m.written:
             return m.written[item.name]
         moment = self._moment(item, now)
         if moment is None:
