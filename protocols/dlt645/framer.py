@@ -95,6 +95,8 @@ class Framer:
         self._buf.clear()
 
     def _report_junk(self, events: list[Event], junk: bytearray) -> None:
+        if not junk:
+            return
         text = bytes(junk).strip(b"\xfe")
         junk.clear()
         if text:
@@ -135,8 +137,8 @@ class Framer:
             return end + 2
         self.stats["frames"] += 1
         wire = bytes(buf[i + 1 : i + 7])
-        events.append(Frame(_ADDRESSES.get(wire) or remember_address(wire), control,
-                            bytes(buf[i + 10 : end]).translate(UNSCRAMBLE)))
+        events.append(_new(Frame, (_ADDRESSES.get(wire) or remember_address(wire), control,
+                                   bytes(buf[i + 10 : end]).translate(UNSCRAMBLE))))
         return end + 2
 
     def _complete_later(self, buf: bytearray, i: int) -> int:
@@ -155,5 +157,6 @@ class Framer:
         return -1
 
 
+_new = tuple.__new__
 _NEED_MORE = -1
 _NOT_A_FRAME = -2
