@@ -67,6 +67,13 @@ class Connection:
             else:
                 self.bus.truth["bad_requests"] += 1
 
+    def feed_message(self, data: bytes) -> None:
+        """One whole message (MQTT): a partial frame left over will never complete, so count and drop it."""
+        self.feed(data)
+        if self.framer.pending:
+            self.framer.reset()
+            self.bus.truth["bad_requests"] += 1
+
     def close(self) -> None:
         self.open = False
         self.bus.detach(self)
