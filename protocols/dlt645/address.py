@@ -41,10 +41,18 @@ def abbreviated(address: str) -> str:
     return text.rjust(12, "A")
 
 
+_HEX12 = re.compile(r"[0-9A-Fa-f]{12}")
+
+
 def to_wire(address: str) -> bytes:
-    """Nameplate string -> 6 wire bytes (lowest digits first)."""
-    text = normalize(address)
-    return bytes.fromhex(text)[::-1]
+    """Nameplate string -> 6 wire bytes (lowest digits first).
+
+    Besides what `normalize` accepts, any 12 hex digits pass, so an address
+    read off the wire with odd nibbles (from_wire keeps them) builds back.
+    """
+    if _HEX12.fullmatch(address):
+        return bytes.fromhex(address)[::-1]
+    return bytes.fromhex(normalize(address))[::-1]
 
 
 def from_wire(raw: bytes) -> str:
@@ -63,6 +71,10 @@ def is_wildcard(address: str) -> bool:
 
 
 def matches(pattern: str, address: str) -> bool:
-    """True when `address` is selected by `pattern` (wildcard nibbles match any digit)."""
-    pat, addr = normalize(pattern), normalize(address)
-    return all(p in ("A", a) for p, a in zip(pat, addr, strict=True))
+    """True when `address` is selected by `pattern` (wildcard nibbles match any digit).
+
+    Never raises: an address that is not 12 characters matches nothing.
+    """
+    if len(pattern) != 12 or len(address) != 12:
+        return False
+    return all(p in ("A", "a", a) for p, a in zip(pattern, address, strict=True))

@@ -11,6 +11,7 @@ Encoding raises `EncodeError` for values that do not fit.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from typing import Any
 
 from protocols.dlt645.errors import EncodeError
@@ -76,6 +77,8 @@ class Bcd(Format):
 
     def __init__(self, width: int, decimals: int = 0, *, signed: bool = False, real: bool | None = None) -> None:
         super().__init__(width)
+        if decimals and real is False:
+            raise ValueError("a BCD format with decimals decodes to a float; real=False cannot hold them")
         self.decimals = decimals
         self.signed = signed
         # A physical quantity is a float even with no decimals (1997 volts), so a field's type never changes.
@@ -98,8 +101,8 @@ class Bcd(Format):
         return number
 
     def encode(self, value: Any) -> bytes:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise EncodeError(f"a BCD value must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise EncodeError(f"a BCD value must be a finite number, got {value!r}")
         number = round(value * self._scale)
         negative = number < 0
         if negative and not self.signed:
@@ -130,7 +133,7 @@ class Digits(Format):
 
     def encode(self, value: Any) -> bytes:
         text = str(value).rjust(2 * self.width, "0")
-        if not text.isdigit() or len(text) != 2 * self.width:
+        if not (text.isascii() and text.isdigit()) or len(text) != 2 * self.width:
             raise EncodeError(f"{value!r} is not {2 * self.width} digits")
         return bytes.fromhex(text)[::-1]
 

@@ -62,12 +62,8 @@ class Framer:
                 continue
             end = self._frame_at(buf, pos, events, junk)
             if end == _NEED_MORE:
-                later = self._complete_later(buf, pos)
-                if later < 0:
-                    break
-                junk += buf[pos:later]
-                pos = later
-            elif end == _NOT_A_FRAME:
+                break  # a whole frame may yet arrive; `flush` decides when the line has gone quiet
+            if end == _NOT_A_FRAME:
                 junk.append(0x68)
                 pos += 1
             else:
@@ -80,15 +76,24 @@ class Framer:
         return events
 
     def flush(self) -> list[Event]:
-        """The line went quiet: whatever is held back will never complete."""
-        if not self._buf:
-            return []
-        rest = bytes(self._buf)
+        """The line went quiet: the held-back candidate will never complete.
+
+        It is reported as truncated, and any whole frame behind it (after a
+        stray 68 whose fake L made us wait) is still delivered. Waiting for
+        the quiet, rather than guessing earlier, is what keeps a real frame
+        whose DATA happens to contain a frame-shaped run from being split.
+        """
+        events: list[Event] = []
+        while self._buf.strip(b"\xfe"):
+            later = self._complete_later(self._buf, 0)
+            cut = later if later > 0 else len(self._buf)
+            rest = bytes(self._buf[:cut])
+            del self._buf[:cut]
+            self.stats["truncated"] += 1
+            events.append(TruncatedFrame(f"{len(rest)} bytes of an incomplete frame when the line went quiet", rest))
+            events += self.feed(b"")
         self._buf.clear()
-        if not rest.strip(b"\xfe"):
-            return []
-        self.stats["truncated"] += 1
-        return [TruncatedFrame(f"{len(rest)} bytes of an incomplete frame when the line went quiet", rest)]
+        return events
 
     def reset(self) -> None:
         """Forget held-back bytes (e.g. after a reconnect)."""
@@ -142,10 +147,10 @@ class Framer:
         return end + 2
 
     def _complete_later(self, buf: bytearray, i: int) -> int:
-        """While a candidate at `i` waits for bytes, is there a whole valid frame after it?
+        """Offset of the first whole valid frame after `i`, or -1.
 
-        Protects against a stray 68 in garbage whose fake L would make us wait
-        for bytes that never come while a real frame sits in the buffer.
+        Used when the line went quiet: a stray 68 in garbage may carry a fake
+        L that makes a candidate wait for bytes that never come.
         """
         j = buf.find(b"\x68", i + 1)
         while 0 <= j <= len(buf) - 12:

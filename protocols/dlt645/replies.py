@@ -13,7 +13,6 @@ from protocols.dlt645.items import DataItem, Decoded, Quantity, decode_fields
 # Function codes that exist only in the 1997 edition (03 is 1997 re-read; 2007 reuses it for security).
 FUNCTIONS_1997 = frozenset({0x01, 0x02, 0x03, 0x04, 0x0A, 0x0C, 0x0F, 0x10})
 READS = {2007: (0x11, 0x12), 1997: (0x01, 0x02, 0x03)}
-FOLLOW_UP = {2007: 0x12, 1997: 0x02}
 DI_WIDTH = {2007: 4, 1997: 2}
 FUNCTION_NAMES = {
     2007: {0x03: "security", 0x08: "broadcast_time", 0x11: "read", 0x12: "read_follow_up", 0x13: "read_address",
@@ -128,7 +127,7 @@ def _decode(frame: Frame, ed: int, tariffs: int) -> Reply:
         di = int.from_bytes(data[:width], "little")
         seq = None
         payload = data[width:]
-        if function == FOLLOW_UP[ed] and payload:
+        if function == 0x12 and ed == 2007 and payload:  # 1997 follow-ups (02) carry no SEQ
             seq, payload = payload[-1], payload[:-1]
         item = lookup(di, ed)
         if more or seq is not None:  # part of a multi-frame answer: the caller joins payloads (ReadSequence)

@@ -32,9 +32,9 @@ class Auth:
     def __post_init__(self) -> None:
         if not 0 <= self.level <= 99:
             raise EncodeError(f"password level must be 0..99, got {self.level}")
-        if len(self.password) != 6 or not self.password.isdigit():
+        if len(self.password) != 6 or not (self.password.isascii() and self.password.isdigit()):
             raise EncodeError("the password must be 6 digits")
-        if len(self.operator) != 8 or not self.operator.isdigit():
+        if len(self.operator) != 8 or not (self.operator.isascii() and self.operator.isdigit()):
             raise EncodeError(f"the operator code must be 8 digits, got {self.operator!r}")
 
     def to_bytes(self, *, with_operator: bool = True) -> bytes:
