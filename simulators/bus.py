@@ -144,12 +144,15 @@ class Bus:
         answering: list[Meter] = []
         for meter in targets:
             meter_hits = hits if len(targets) == 1 else self.faults.draw(self.name, meter.address, now)
+            if "dead" in meter_hits:  # a dead meter hears nothing and does nothing
+                self._count([meter], "dead")
+                continue
             meter.relay_stuck = self.faults.stuck(self.name, meter.address, now)
             out = meter.answer(frame, now)
             if not out:
                 continue
-            if "dead" in meter_hits or "no_reply" in meter_hits:
-                self._count([meter], "dead" if "dead" in meter_hits else "no_reply")
+            if "no_reply" in meter_hits:  # the meter acted, but its reply is lost on the line
+                self._count([meter], "no_reply")
                 continue
             if "link_drop" in meter_hits:
                 self._count([meter], "link_drop")
@@ -192,7 +195,8 @@ class Bus:
     def _damage(self, meter: Meter, data: bytes, hits: dict[str, FaultRule]) -> bytes:
         if "garbage" in hits:
             self._count([meter], "garbage")
-            data = bytes(self.rng.randrange(256) for _ in range(8)) + data
+            size = int(hits["garbage"].params.get("bytes", 8))
+            data = bytes(self.rng.randrange(256) for _ in range(size)) + data
         if "corrupt" in hits:
             self._count([meter], "corrupt")
             data = data[:-2] + bytes([data[-2] ^ 0x5A]) + data[-1:]

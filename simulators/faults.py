@@ -24,6 +24,9 @@ KINDS = {
 }
 
 
+PARAMS = {"late_reply": ("delay_s",), "garbage": ("bytes",)}
+
+
 class FaultError(ValueError):
     """A fault rule that cannot be understood (unknown kind, probability outside 0..1, ...)."""
 
@@ -78,8 +81,11 @@ class FaultRule:
         except KeyError as exc:
             raise FaultError("a fault needs a 'kind'") from exc
         known = {"probability", "every", "bus", "meter", "start", "end"}
-        params = {k: float(v) for k, v in data.items() if k not in known}
+        unknown = set(data) - known - set(PARAMS.get(kind, ()))
+        if unknown:
+            raise FaultError(f"fault {kind}: unknown keys {', '.join(sorted(unknown))}")
         try:
+            params = {k: float(v) for k, v in data.items() if k not in known}
             return cls(kind, float(data.get("probability", 1.0)),
                        int(data["every"]) if data.get("every") is not None else None,
                        data.get("bus"), data.get("meter"),
@@ -92,15 +98,19 @@ class FaultRule:
     def from_flag(cls, text: str) -> FaultRule:
         """`no_reply=0.02` (probability) or `dead=000000000003` (one meter, always)."""
         kind, sep, value = text.partition("=")
+        kind = kind.strip()
+        if kind not in KINDS:
+            raise FaultError(f"unknown fault {kind!r}; known: {', '.join(sorted(KINDS))}")
         if not sep:
-            return cls(kind.strip())
+            return cls(kind)
         value = value.strip()
         if len(value) == 12 and value.isdigit():
-            return cls(kind.strip(), meter=value)
+            return cls(kind, meter=value)
         try:
-            return cls(kind.strip(), float(value))
+            probability = float(value)
         except ValueError as exc:
             raise FaultError(f"--fault {text!r}: value must be a probability or a 12-digit address") from exc
+        return cls(kind, probability)
 
 
 class FaultPlan:

@@ -38,13 +38,14 @@ class Moment:
     """What a name is evaluated against: real local time (for energy), the meter's clock reading,
     and the n of a settlement period or event record the DI asked for."""
 
-    __slots__ = ("clock", "index", "real", "settle")
+    __slots__ = ("clock", "energy", "index", "real", "settle")
 
     def __init__(self, real: float, clock: float, settle: int = 0, index: int = 0) -> None:
         self.real = real
         self.clock = clock
         self.settle = settle
         self.index = index
+        self.energy: list[float] | None = None  # registers at `real`, computed once per request
 
 
 def _strip(name: str, marker: str) -> tuple[str, int]:
@@ -146,7 +147,9 @@ class Registers:
         if head[-2:] in ("_a", "_b", "_c"):
             head, phase = head[:-2], head[-1]
         kind = head.removesuffix("_energy")
-        registers = m.registers_at(moment.real)
+        registers = moment.energy
+        if registers is None:
+            registers = moment.energy = m.registers_at(moment.real)
         active = registers[tariff]
         pf = m.pf
         share = 1.0 if not phase else (1.0 if m.phases == 1 and phase == "a" else
