@@ -1,0 +1,235 @@
+"""The journal's one writer thread: group commit of everything that changes the file.
+
+Requests arrive on a thread-safe queue, each with an asyncio future of the
+loop that asked. The thread takes the first request, then gathers more for the
+commit window (or until `batch_max` readings) and runs them all in one
+transaction: many appends share one fsync. The futures are resolved only after
+COMMIT returned, so an acknowledged append is on disk. A failed transaction
+fails every request in it with JournalError and the thread carries on; the
+next request reconnects if the connection was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from gateway import journal_store as store
+from gateway.journal_retention import retain
+
+log = logging.getLogger(__name__)
+SOLO = frozenset({"open", "retain", "stop"})  # run alone, outside a group transaction
+
+
+@dataclass(slots=True)
+class Op:
+    """One request: kind is open | append | cursor | advance | round | retain | stop."""
+
+    kind: str
+    future: asyncio.Future[Any]
+    rows: list[store.Row] = field(default_factory=list)
+    args: tuple[Any, ...] = ()
+
+
+def _settle(op: Op, result: Any = None, error: BaseException | None = None) -> None:
+    def settle() -> None:
+        if op.future.done():  # the caller was cancelled: the work is done (or not) all the same
+            return
+        if error is not None:
+            op.future.set_exception(error)
+        else:
+            op.future.set_result(result)
+
+    try:
+        op.future.get_loop().call_soon_threadsafe(settle)
+    except RuntimeError:  # that loop is closed: nobody is waiting any more
+        log.debug("journal: a %s request outlived its event loop", op.kind)
+
+
+class Writer:
+    """Owns the read-write connection and the lock file; every method below runs in its thread."""
+
+    def __init__(self, path: Path, limits: store.JournalConfig, stats: dict[str, float]) -> None:
+        self.path, self.limits, self.stats = path, limits, stats
+        self.queue: queue.SimpleQueue[Op] = queue.SimpleQueue()
+        self._conn: sqlite3.Connection | None = None
+        self._lock: TextIO | None = None
+        self._last_commit = -1e9
+        self.last_error: str | None = None  # why the last transaction failed; None once one commits
+        self.thread = self._start()
+
+    def _start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
+        thread.start()
+        return thread
+
+    def submit(self, op: Op) -> None:
+        if not self.thread.is_alive():  # never expected: _run catches everything per request
+            log.error("journal: the writer thread had died; starting a new one")
+            self.thread = self._start()
+        self.queue.put(op)
+
+    # ---- the loop ----
+
+    def _run(self) -> None:
+        pending: Op | None = None
+        while True:
+            op = pending or self.queue.get()
+            pending = None
+            if op.kind == "stop":
+                self._close()
+                _settle(op)
+                return
+            if op.kind in SOLO:
+                self._solo(op)
+                continue
+            group = [op]
+            pending = self._gather(group)
+            self._commit(group)
+
+    def _gather(self, group: list[Op]) -> Op | None:
+        """Add requests to the group; return a solo request met on the way (it runs next).
+
+        An append that finds the writer idle commits at once (latency = one fsync). Under
+        continuous load commits are spaced by the commit window, and each one takes every
+        request that arrived meanwhile, up to batch_max readings.
+        """
+        since = time.monotonic() - self._last_commit
+        deadline = time.monotonic() + max(0.0, self.limits.commit_interval - since)
+        count = len(group[0].rows)
+        while count < self.limits.batch_max:
+            wait = deadline - time.monotonic()
+            try:
+                op = self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if op.kind in SOLO:
+                return op
+            group.append(op)
+            count += len(op.rows)
+        return None
+
+    def _commit(self, group: list[Op]) -> None:
+        started = self._last_commit = time.monotonic()
+        inserted = offered = 0
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            for op in group:
+                before = conn.total_changes
+                self._apply(conn, op)
+                if op.kind == "append":
+                    inserted += conn.total_changes - before
+                    offered += len(op.rows)
+            conn.execute("COMMIT")
+        except Exception as exc:  # every failure is reported to every waiter
+            self._failed(group, exc)
+            return
+        self.last_error = None
+        self.stats["appended"] += inserted
+        self.stats["duplicates"] += offered - inserted
+        self.stats["batches"] += 1
+        self.stats["commit_seconds_total"] += time.monotonic() - started
+        for op in group:
+            _settle(op)
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, op: Op) -> None:
+        if op.kind == "append":
+            conn.executemany(store.INSERT_READING, op.rows)
+        elif op.kind == "cursor":
+            store.ensure_cursor(conn, *op.args)
+        elif op.kind == "advance":
+            store.advance(conn, *op.args)
+        elif op.kind == "round":
+            store.upsert_round(conn, *op.args)
+        else:
+            raise store.JournalError(f"unknown journal request {op.kind!r}")
+
+    def _failed(self, group: list[Op], exc: BaseException) -> None:
+        error = store.explain(exc, self.path)
+        self.stats["write_errors"] += 1
+        self.last_error = str(error)
+        log.error("journal: a transaction of %d request(s) failed: %s", len(group), error)
+        if self._conn is not None:
+            try:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+            except sqlite3.Error as rollback_exc:
+                log.warning("journal: rollback failed (%s); reconnecting on the next request", rollback_exc)
+                self._drop_connection()
+        for op in group:
+            _settle(op, error=error)
+
+    def _solo(self, op: Op) -> None:
+        try:
+            if op.kind == "open":
+                self._open()
+                result: Any = None
+            else:
+                result = retain(self._connection(), self.limits, self.stats, *op.args)
+        except Exception as exc:  # reported to the waiter, logged, thread lives on
+            error = store.explain(exc, self.path)
+            log.error("journal: %s failed: %s", op.kind, error)
+            if op.kind == "open":
+                self._close()
+            _settle(op, error=error)
+            return
+        _settle(op, result)
+
+    # ---- connection and lock ----
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.path.with_name(self.path.name + ".lock").open("a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise store.JournalError(f"the journal {self.path} is in use by another process "
+                                     "(is another meterd running with this state directory?)") from None
+        self._lock = lock
+        self._connection()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = store.connect(self.path, readonly=False)
+            try:
+                store.prepare(conn, self.path)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+
+    def _close(self) -> None:
+        self._drop_connection()
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+
+def file_bytes(path: Path) -> int:
+    """The journal's size on disk, WAL included (for metrics)."""
+    total = 0
+    for suffix in ("", "-wal"):
+        with contextlib.suppress(FileNotFoundError):
+            total += os.stat(f"{path}{suffix}").st_size
+    return total
