@@ -6,15 +6,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gateway import decoding
+from gateway import daemon_cli, decoding, readings_cli, status_cli
 
-NOT_YET = ("run", "check-config", "status", "readings", "read", "control", "accounts")
+NOT_YET = ("read", "control", "accounts")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meterd", description="DL/T 645 meter collection gateway")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     decoding.add_parser(sub)
+    daemon_cli.add_parsers(sub)
+    readings_cli.add_parser(sub)
+    status_cli.add_parser(sub)
     for name in NOT_YET:
         sub.add_parser(name, help="(not available yet)", add_help=False)
     return parser

@@ -1,0 +1,242 @@
+"""One bus per link: the only task that talks on it.
+
+Everything that wants a meter on this link queues a `Job` here. Jobs run one
+at a time (one outstanding request on a half-duplex line), control ahead of
+re-reads ahead of routine polls, with the first-byte and inter-byte timeouts,
+the gap between frames, retries, and local echo dropped by the framer. A
+meter that keeps failing is degraded: its routine jobs are refused until a
+probe time that backs off, so a dead meter cannot eat the bus; it recovers
+by itself on the first success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from gateway.links.base import Link, LinkDown
+from protocols.dlt645 import Accept, Frame, FrameError, Framer
+
+log = logging.getLogger(__name__)
+
+
+class Priority(enum.IntEnum):
+    CONTROL = 0
+    REREAD = 1
+    ROUTINE = 2
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-link defaults, overridable per meter (DTUs need seconds, not milliseconds)."""
+
+    first_byte: float = 1.0
+    inter_byte: float = 0.1
+    gap: float = 0.02
+    retries: int = 1
+    preamble: int = 4
+
+
+class BusError(Exception):
+    """A transaction that did not produce a reply frame; `reason` is a `model.Reason` value."""
+
+    reason = "no_reply"
+
+
+class NoReply(BusError):
+    reason = "no_reply"
+
+
+class BadFrame(BusError):
+    reason = "bad_frame"
+
+
+class Degraded(BusError):
+    reason = "degraded"
+
+
+class LinkIsDown(BusError):
+    reason = "link_down"
+
+
+@dataclass
+class _Health:
+    failures: int = 0
+    probe_at: float = 0.0
+    backoff: float = 0.0
+
+
+@dataclass(order=True)
+class _Job:
+    priority: int
+    seq: int
+    request: bytes = field(compare=False)
+    address: str = field(compare=False)
+    timing: Timing = field(compare=False)
+    broadcast: bool = field(compare=False)
+    future: asyncio.Future[Frame | None] = field(compare=False)
+
+
+class Bus:
+    def __init__(self, link: Link, timing: Timing | None = None, *, degrade_after: int = 3,
+                 probe_min: float = 60.0, probe_max: float = 3600.0, trace: logging.Logger | None = None) -> None:
+        self.link = link
+        self.timing = timing or Timing()
+        self.degrade_after = degrade_after
+        self.probe_min = probe_min
+        self.probe_max = probe_max
+        self.trace = trace
+        self.stats: Counter[str] = Counter()
+        self.health: dict[str, _Health] = {}
+        self._queue: asyncio.PriorityQueue[_Job] = asyncio.PriorityQueue()
+        self._seq = itertools.count()
+        self._framer = Framer(Accept.REPLIES)
+        self.busy_since: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.link.name
+
+    def degraded(self) -> list[str]:
+        return [a for a, h in self.health.items() if h.failures >= self.degrade_after]
+
+    async def transact(self, request: bytes, address: str, *, priority: Priority = Priority.ROUTINE,
+                       timing: Timing | None = None, broadcast: bool = False) -> Frame | None:
+        """Queue one request for `address`; the reply frame from that address (None for a broadcast).
+
+        Raises NoReply, BadFrame, LinkIsDown or Degraded (routine/re-read jobs of a degraded meter).
+        """
+        health = self.health.get(address)
+        now = time.monotonic()
+        if (health and health.failures >= self.degrade_after and priority is not Priority.CONTROL
+                and now < health.probe_at):
+            self.stats["degraded_skips"] += 1
+            raise Degraded(f"{address} is degraded after {health.failures} failures; next probe in "
+                           f"{health.probe_at - now:.0f} s")
+        loop = asyncio.get_running_loop()
+        job = _Job(int(priority), next(self._seq), request, address, timing or self.timing, broadcast,
+                   loop.create_future())
+        if health and health.failures >= self.degrade_after:
+            health.probe_at = now + health.backoff  # only one probe in flight per interval
+        self._queue.put_nowait(job)
+        return await job.future
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve jobs until stop is set; jobs still queued then fail with LinkIsDown."""
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                getter = asyncio.create_task(self._queue.get())
+                done, _ = await asyncio.wait({getter, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break
+                job = getter.result()
+                if job.future.done():  # the caller gave up (cancelled)
+                    continue
+                try:
+                    result = await self._run_job(job)
+                except BusError as exc:
+                    self._record(job.address, ok=False)
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                else:
+                    self._record(job.address, ok=True)
+                    if not job.future.done():
+                        job.future.set_result(result)
+        finally:
+            stopping.cancel()
+            while not self._queue.empty():
+                job = self._queue.get_nowait()
+                if not job.future.done():
+                    job.future.set_exception(LinkIsDown(f"bus {self.name} stopped"))
+
+    def _record(self, address: str, *, ok: bool) -> None:
+        if ok:
+            self.health.pop(address, None)
+            return
+        health = self.health.setdefault(address, _Health())
+        health.failures += 1
+        if health.failures >= self.degrade_after:
+            health.backoff = min(self.probe_max, max(self.probe_min, health.backoff * 2))
+            health.probe_at = time.monotonic() + health.backoff
+
+    async def _run_job(self, job: _Job) -> Frame | None:
+        timing = job.timing
+        attempts = 1 + max(0, timing.retries) if not job.broadcast else 1
+        error: BusError = NoReply("no attempt")
+        for attempt in range(attempts):
+            if not self.link.up:
+                raise LinkIsDown(f"link {self.name} is down: {self.link.detail}")
+            if attempt:
+                self.stats["retries"] += 1
+            try:
+                frame = await self._exchange(job, timing)
+            except LinkDown as exc:
+                raise LinkIsDown(f"link {self.name} dropped: {exc}") from exc
+            except BusError as exc:
+                error = exc
+                continue
+            finally:
+                if timing.gap:
+                    await asyncio.sleep(timing.gap)
+            return frame
+        raise error
+
+    async def _exchange(self, job: _Job, timing: Timing) -> Frame | None:
+        link = self.link
+        link.discard_input()
+        self._framer.reset()
+        data = b"\xfe" * timing.preamble + job.request
+        if self.trace:
+            self.trace.debug("%s -> %s", self.name, data.hex(" "))
+        self.stats["requests"] += 1
+        self.busy_since = time.monotonic()
+        try:
+            await link.send(data)
+            if job.broadcast:
+                return None
+            return await self._await_reply(job.address, timing)
+        finally:
+            self.busy_since = None
+
+    async def _await_reply(self, address: str, timing: Timing) -> Frame:
+        link = self.link
+        received = 0
+        errors: list[FrameError] = []
+        deadline = time.monotonic() + timing.first_byte
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                chunk = await link.receive(max(left, 0.0)) if left > 0 else b""
+            except TimeoutError:
+                chunk = b""
+            if not chunk:  # the line went quiet: first-byte or inter-byte timeout
+                for event in self._framer.flush():
+                    if isinstance(event, Frame) and event.address == address:
+                        return event
+                    if isinstance(event, FrameError):
+                        errors.append(event)
+                if received == 0:
+                    self.stats["no_reply"] += 1
+                    raise NoReply(f"no reply from {address} within {timing.first_byte:g} s")
+                self.stats["bad_frames"] += 1
+                detail = "; ".join(f"{e.reason}: {e}" for e in errors[:3]) or "no valid frame"
+                raise BadFrame(f"{received} bytes from {address} but no valid reply ({detail})")
+            received += len(chunk)
+            if self.trace:
+                self.trace.debug("%s <- %s", self.name, chunk.hex(" "))
+            for event in self._framer.feed(chunk):
+                if isinstance(event, Frame):
+                    if event.address == address or "A" in address:
+                        return event
+                    self.stats["stray_frames"] += 1  # a late reply to an earlier request
+                else:
+                    errors.append(event)
+            deadline = time.monotonic() + timing.inter_byte
+

@@ -1,0 +1,47 @@
+"""`meterd run` and `meterd check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.config import ConfigError, load_config
+from gateway.logs import setup_logging
+
+
+def add_parsers(sub: Any) -> None:
+    run = sub.add_parser("run", help="run the collection daemon in the foreground")
+    run.add_argument("--config", "-c", type=Path, required=True, help="the TOML configuration")
+    run.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    run.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    run.set_defaults(handler=run_daemon)
+    check = sub.add_parser("check-config", help="validate a configuration without touching hardware")
+    check.add_argument("config", type=Path)
+    check.set_defaults(handler=check_config)
+
+
+def check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"{args.config}: ok: station {config.station.name}, {len(config.links)} links, {len(config.meters)} meters, "
+          f"{len(config.plans)} plans, {len(config.sinks)} sinks")
+    return 0
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    setup_logging(getattr(logging, args.log_level), json=args.log_json)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    from gateway.daemon import Daemon  # noqa: PLC0415  (the daemon's imports are only needed to run it)
+
+    return asyncio.run(Daemon(config, args.config).run())

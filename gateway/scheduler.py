@@ -1,0 +1,156 @@
+"""Rounds: one run of a plan over its meters, and the re-read rounds (补抄) of daily plans.
+
+A meter's job never overlaps its previous job of the same plan (the skip is
+counted as `busy`). A reading counts as collected only after the journal
+committed it. Re-read rounds go ahead of routine polls on each bus and only
+ask the meters that have not been collected yet for that plan's day.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+from gateway.archive import MeterConfig
+from gateway.bus import Bus, Priority
+from gateway.model import Outcome, Reading, Reason, RoundStats
+from gateway.plans import PlanConfig, day_of, next_run
+from gateway.reader import Reader
+
+log = logging.getLogger(__name__)
+
+
+class Journal(Protocol):
+    async def append(self, readings: list[Reading]) -> None: ...
+
+    async def record_round(self, stats: RoundStats) -> None: ...
+
+
+class Observer(Protocol):
+    def round_started(self, stats: RoundStats) -> None: ...
+
+    def outcome(self, round_id: str, outcome: Outcome, *, plan: str, link: str, area: str) -> None: ...
+
+    def round_finished(self, stats: RoundStats) -> None: ...
+
+
+class Scheduler:
+    def __init__(self, plans: list[PlanConfig], meters: dict[str, list[MeterConfig]], *,
+                 bus_for: Callable[[MeterConfig], Bus | None], reader: Reader, journal: Journal,
+                 observer: Observer, station: str, tz: ZoneInfo, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
+        self.plans = plans
+        self.meters = meters  # plan name -> its meters
+        self.bus_for = bus_for
+        self.reader = reader
+        self.journal = journal
+        self.observer = observer
+        self.station = station
+        self.tz = tz
+        self.clock = clock
+        self.rng = rng or random.Random()  # noqa: S311  (jitter spreads load; nothing secret)
+        self._running: set[tuple[str, str]] = set()  # (plan, meter) jobs in flight
+        self._collected_day: dict[str, tuple[object, set[str]]] = {}  # plan -> (day, meters collected)
+        self._rounds: set[asyncio.Task[RoundStats]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """One timer per plan until stop; rounds already running finish on their own (or are cancelled)."""
+        timers = [asyncio.create_task(self._plan_loop(plan, stop), name=f"plan-{plan.name}") for plan in self.plans]
+        try:
+            await stop.wait()
+        finally:
+            for task in timers + list(self._rounds):
+                task.cancel()
+            await asyncio.gather(*timers, *self._rounds, return_exceptions=True)
+
+    async def _plan_loop(self, plan: PlanConfig, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            due = next_run(plan, self.clock(), self.tz) + self.rng.uniform(0, plan.jitter)
+            try:
+                await asyncio.wait_for(stop.wait(), max(0.0, due - self.clock()))
+                return
+            except TimeoutError:
+                pass
+            task = asyncio.create_task(self.daily_cycle(plan, due) if plan.daily else self.run_round(plan))
+            self._rounds.add(task)
+            task.add_done_callback(self._round_done)
+
+    def _round_done(self, task: asyncio.Task[RoundStats]) -> None:
+        self._rounds.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("round failed: %s", task.exception(), exc_info=task.exception())
+
+    async def daily_cycle(self, plan: PlanConfig, started: float) -> RoundStats:
+        """The main round, then re-read rounds at their offsets for whoever is still missing."""
+        stats = await self.run_round(plan)
+        for n, offset in enumerate(plan.rereads, start=1):
+            missing = self.missing(plan)
+            if not missing:
+                break
+            await asyncio.sleep(max(0.0, started + offset - self.clock()))
+            stats = await self.run_round(plan, only=self.missing(plan), reread=n)
+        return stats
+
+    def collected_today(self, plan: PlanConfig) -> set[str]:
+        day = day_of(self.clock(), self.tz)
+        seen_day, meters = self._collected_day.get(plan.name, (None, set()))
+        if seen_day != day:
+            meters = set()
+            self._collected_day[plan.name] = (day, meters)
+        return meters
+
+    def missing(self, plan: PlanConfig) -> list[MeterConfig]:
+        done = self.collected_today(plan)
+        return [m for m in self.meters.get(plan.name, []) if m.address not in done]
+
+    async def run_round(self, plan: PlanConfig, *, only: list[MeterConfig] | None = None,
+                        reread: int = 0) -> RoundStats:
+        meters = self.meters.get(plan.name, []) if only is None else only
+        stats = RoundStats(plan.name, uuid.uuid4().hex[:12], self.clock(), self.station, expected=len(meters),
+                           reread=reread)
+        self.observer.round_started(stats)
+        priority = Priority.REREAD if reread else Priority.ROUTINE
+        jobs = [self._job(plan, meter, stats, priority) for meter in meters]
+        await asyncio.gather(*jobs)
+        stats.finished = self.clock()
+        await self.journal.record_round(stats)
+        self.observer.round_finished(stats)
+        level = logging.INFO if stats.collected == stats.expected else logging.WARNING
+        log.log(level, "round %s%s: %d/%d collected in %.1f s%s", plan.name, f" re-read {reread}" if reread else "",
+                stats.collected, stats.expected, stats.finished - stats.started,
+                f" (failed: {stats.failed})" if stats.failed else "")
+        return stats
+
+    async def _job(self, plan: PlanConfig, meter: MeterConfig, stats: RoundStats, priority: Priority) -> None:
+        key = (plan.name, meter.address)
+        bus = self.bus_for(meter)
+        if key in self._running:
+            outcome = Outcome(meter.address, ok=False, reason=Reason.BUSY, detail="previous job still running")
+            stats.skipped += 1
+        elif bus is None:
+            outcome = Outcome(meter.address, ok=False, reason=Reason.LINK_DOWN, detail=f"no link {meter.link}")
+        else:
+            self._running.add(key)
+            try:
+                outcome = await self.reader.read(bus, meter, plan.items, plan=plan.name, priority=priority)
+                if outcome.readings:
+                    try:
+                        await self.journal.append(outcome.readings)  # collected only once it is durable
+                    except Exception as exc:  # the journal's failure is this job's failure
+                        outcome.ok, outcome.reason, outcome.detail = False, Reason.JOURNAL, str(exc)
+            finally:
+                self._running.discard(key)
+        if outcome.ok:
+            stats.collected += 1
+            if plan.daily:
+                self.collected_today(plan).add(meter.address)
+        else:
+            reason = str(outcome.reason or Reason.NO_REPLY)
+            stats.failed[reason] = stats.failed.get(reason, 0) + 1
+        self.observer.outcome(stats.round_id, outcome, plan=plan.name, link=meter.link, area=meter.area)

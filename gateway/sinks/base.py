@@ -1,0 +1,278 @@
+"""What every sink shares: the journal cursor loop, batching, retries and error classification.
+
+A sink forwards readings (and round statistics) from the journal with its own cursor, at
+least once: the cursor moves only after the server said yes to every unit of the batch (or
+the unit was rejected for good and counted as dropped). Errors are classified like
+Telegraf's InfluxDB output: retry with capped exponential backoff and jitter (connection
+errors, 5xx, 408, 429, 404; Retry-After honoured), split on 413, isolate and drop on any
+other 4xx, and on 401/403 keep everything and retry slowly ("unauthorized").
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import email.utils
+import enum
+import logging
+import random
+import time
+from collections import deque
+from typing import Generic, Literal, Protocol, TypedDict, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.model import Reading, RoundStats
+
+log = logging.getLogger(__name__)
+
+Unit = TypeVar("Unit")
+State = Literal["ok", "retrying", "unauthorized", "stopped"]
+RETRY_AFTER_CAP = 600.0
+
+
+class Journal(Protocol):
+    """The part of the journal a sink uses: per-cursor reads and cursor moves."""
+
+    async def read_batch(self, cursor: str, limit: int) -> list[tuple[int, Reading]]: ...
+    async def advance(self, cursor: str, upto_id: int) -> None: ...
+    async def backlog(self, cursor: str) -> int: ...
+    async def read_rounds(self, cursor: str, limit: int) -> list[tuple[int, RoundStats]]: ...
+    async def advance_rounds(self, cursor: str, upto_id: int) -> None: ...
+
+
+class SinkSettings(BaseModel):
+    """Settings every sink kind has."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    batch_lines: int = Field(default=5000, ge=1, le=100_000)
+    flush_interval: float = Field(default=1.0, gt=0)
+    retry_initial: float = Field(default=1.0, gt=0)
+    retry_max: float = Field(default=60.0, gt=0)
+    unauthorized_retry: float = Field(default=60.0, gt=0)
+
+
+class Verdict(enum.Enum):
+    RETRY = "retry"  # the batch is fine, the server or the path is not: wait and resend
+    SPLIT = "split"  # too large: halve and resend
+    DROP = "drop"  # malformed / rejected data: isolate the bad line(s), drop and count them
+    UNAUTHORIZED = "unauthorized"  # credentials: keep everything, retry slowly
+
+
+def classify(status: int | None) -> Verdict:
+    """HTTP status (None = no response: connection error, timeout) -> what to do."""
+    if status in (401, 403):
+        return Verdict.UNAUTHORIZED
+    if status == 413:
+        return Verdict.SPLIT
+    if status is not None and 400 <= status < 500 and status not in (404, 408, 429):
+        return Verdict.DROP
+    # No answer, 5xx, 408, 429, 404 (database/bucket missing: setup, never a reason to drop),
+    # and anything unexpected (1xx/3xx): keep the data and try again.
+    return Verdict.RETRY
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header (seconds or an HTTP date) -> seconds to wait, capped at 10 min."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), RETRY_AFTER_CAP)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, min(when - (time.time() if now is None else now), RETRY_AFTER_CAP))
+
+
+def backoff(settings: SinkSettings, failures: int) -> float:
+    """Capped exponential backoff with jitter: failure n waits 50-100 % of initial * 2^(n-1), at most max."""
+    ceiling = min(settings.retry_max, settings.retry_initial * 2.0 ** min(max(failures, 1) - 1, 30))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not crypto
+
+
+class WriteFailure(Exception):
+    """A send that did not succeed; `status` is the HTTP status, None without a response."""
+
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class SinkCounters(TypedDict):
+    sent_lines: int  # units accepted by the server (lines; MQTT: messages)
+    sent_batches: int  # successful requests (a split batch counts each part)
+    retries: int
+    dropped_lines: int
+    last_error: str
+    state: State
+    backlog: int  # journal entries this sink has not forwarded yet
+    last_success: float | None  # wall-clock time of the last accepted send
+
+
+class Sink(abc.ABC, Generic[Unit]):
+    """Forward journal entries to one destination; subclasses encode and send."""
+
+    def __init__(self, settings: SinkSettings) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.cursor = f"sink:{settings.name}"
+        self.counters: SinkCounters = {
+            "sent_lines": 0, "sent_batches": 0, "retries": 0, "dropped_lines": 0, "last_error": "",
+            "state": "stopped", "backlog": 0, "last_success": None,
+        }
+        self._failures = 0  # consecutive failed attempts, drives the backoff
+        self._wakeup = asyncio.Event()  # a subclass sets it when resending may now work
+
+    # --- what a sink kind provides -----------------------------------------------------------
+    @abc.abstractmethod
+    def encode_readings(self, readings: list[Reading]) -> list[Unit]: ...
+
+    @abc.abstractmethod
+    def encode_rounds(self, rounds: list[RoundStats]) -> list[Unit]: ...
+
+    @abc.abstractmethod
+    async def send(self, units: list[Unit]) -> None:
+        """Deliver all units or raise WriteFailure."""
+
+    async def open(self) -> None:
+        """Prepare clients; no network I/O needed here."""
+
+    async def close(self) -> None:
+        """Release clients."""
+
+    async def reauthorize(self) -> None:
+        """Called before a retry after 401/403 (e.g. re-read a token file)."""
+
+    def describe(self, unit: Unit) -> str:
+        return str(unit)[:300]
+
+    # --- the loop --------------------------------------------------------------------------------
+    async def run(self, journal: Journal, stop: asyncio.Event) -> None:
+        """Forward until `stop` is set; returns after closing the sink's clients."""
+        self.counters["state"] = "ok"
+        try:
+            await self.open()
+            while not stop.is_set():
+                more = await self._forward(journal, stop, rounds=True)
+                more = await self._forward(journal, stop, rounds=False) or more
+                if not more:
+                    self.counters["backlog"] = await journal.backlog(self.cursor)
+                    await self.pause(stop, self.settings.flush_interval)
+        finally:
+            self.counters["state"] = "stopped"
+            await self.close()
+
+    async def _forward(self, journal: Journal, stop: asyncio.Event, *, rounds: bool) -> bool:
+        """Send one batch; True when it was full (more is probably waiting)."""
+        limit = self.settings.batch_lines
+        units: list[Unit]
+        if rounds:
+            stats = await journal.read_rounds(self.cursor, limit)
+            entries = [i for i, _ in stats]
+            units = self.encode_rounds([s for _, s in stats]) if stats else []
+        else:
+            readings = await journal.read_batch(self.cursor, limit)
+            entries = [i for i, _ in readings]
+            units = self.encode_readings([r for _, r in readings]) if readings else []
+        if not entries or not await self.deliver(units, stop):
+            return False
+        if rounds:
+            await journal.advance_rounds(self.cursor, max(entries))
+        else:
+            await journal.advance(self.cursor, max(entries))
+            self.counters["backlog"] = await journal.backlog(self.cursor)
+        return len(entries) >= limit
+
+    async def deliver(self, units: list[Unit], stop: asyncio.Event) -> bool:
+        """Send `units`, splitting and dropping as classified; False if stopped before the end."""
+        pending: deque[list[Unit]] = deque([units] if units else [])
+        dropped: list[str] = []
+        while pending:
+            chunk = pending.popleft()
+            outcome = await self._attempt(chunk)
+            if outcome is None:
+                self._sent(len(chunk))
+                continue
+            failure, verdict = outcome
+            if verdict in (Verdict.SPLIT, Verdict.DROP):
+                self.counters["last_error"] = str(failure)
+                if len(chunk) > 1:
+                    half = len(chunk) // 2
+                    pending.extendleft((chunk[half:], chunk[:half]))
+                else:
+                    self.counters["dropped_lines"] += 1
+                    dropped.append(f"{self.describe(chunk[0])} ({failure})")
+                continue
+            pending.appendleft(chunk)
+            self.counters["retries"] += 1
+            self._failures += 1
+            self.set_failing(str(failure), "unauthorized" if verdict is Verdict.UNAUTHORIZED else "retrying")
+            if not await self.pause(stop, self.retry_delay(failure, verdict)):
+                return False
+            if verdict is Verdict.UNAUTHORIZED:
+                await self.reauthorize()
+        if dropped:
+            log.warning("sink %s: dropped %d line(s) the server rejected; first: %s",
+                        self.name, len(dropped), dropped[0])
+            for line in dropped[1:]:
+                log.debug("sink %s: dropped %s", self.name, line)
+        return True
+
+    async def _attempt(self, chunk: list[Unit]) -> tuple[WriteFailure, Verdict] | None:
+        """One send: None on success, else the failure and its verdict."""
+        try:
+            await self.send(chunk)
+        except WriteFailure as failure:
+            return failure, classify(failure.status)
+        except Exception as exc:  # a library surprise must not lose the batch: retry it
+            level = logging.DEBUG if self.counters["state"] == "retrying" else logging.WARNING
+            log.log(level, "sink %s: unexpected error while sending", self.name, exc_info=True)
+            return WriteFailure(f"{type(exc).__name__}: {exc}"), Verdict.RETRY
+        return None
+
+    def retry_delay(self, failure: WriteFailure, verdict: Verdict) -> float:
+        if verdict is Verdict.UNAUTHORIZED:
+            return self.settings.unauthorized_retry
+        return max(backoff(self.settings, self._failures), failure.retry_after or 0.0)
+
+    async def pause(self, stop: asyncio.Event, seconds: float) -> bool:
+        """Wait `seconds`, less if stopped or woken (a wake is consumed); False when stopped."""
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wakeup.wait())]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            self._wakeup.clear()
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+        return not stop.is_set()
+
+    def wake(self) -> None:
+        """Cut a retry or idle pause short (e.g. the connection is back)."""
+        self._wakeup.set()
+
+    # --- state and logs: one warning when failing starts, one info on recovery --------------------
+    def set_failing(self, error: str, state: State = "retrying") -> None:
+        self.counters["last_error"] = error
+        if self.counters["state"] != state:
+            log.warning("sink %s: %s: %s (keeping the backlog, retrying)", self.name, state, error)
+            self.counters["state"] = state
+
+    def set_ok(self) -> None:
+        self._failures = 0
+        if self.counters["state"] in ("retrying", "unauthorized"):
+            log.info("sink %s: recovered, sending again", self.name)
+            self.counters["state"] = "ok"
+
+    def _sent(self, count: int) -> None:
+        self.counters["sent_lines"] += count
+        self.counters["sent_batches"] += 1
+        self.counters["last_success"] = time.time()
+        self.set_ok()
