@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from gateway import sdnotify
 from gateway.api import ApiServer
@@ -21,11 +22,13 @@ from gateway.bus import Bus, Timing
 from gateway.config import Config, ConfigError, load_config
 from gateway.journal import Journal
 from gateway.links import Link, Listener, build_link
+from gateway.links.config import LinkConfig
 from gateway.logs import MeterLog, trace_logger
 from gateway.model import Outcome, Reason, RoundStats
 from gateway.reader import Dlt645Reader
+from gateway.reload import apply
 from gateway.scheduler import Scheduler
-from gateway.sinks import build_sink
+from gateway.sinks import Sink, SinkConfig, build_sink
 from gateway.stats import CollectionStats
 from gateway.supervisor import Supervisor
 
@@ -54,6 +57,9 @@ class Observer:
 
 
 class Daemon:
+    """The running daemon. Every link, bus, sink and the scheduler is a named part with its own
+    stop event, so a reload can restart exactly the parts whose configuration changed."""
+
     def __init__(self, config: Config, config_path: Path) -> None:
         self.config = config
         self.config_path = config_path
@@ -62,9 +68,32 @@ class Daemon:
         self.journal = Journal(config.station.state_dir / "journal.sqlite", config.journal)
         degrade = min((link.degrade_after for link in config.links), default=3)
         self.stats = CollectionStats(config.station.name, config.tz, degraded_after=degrade)
+        self.meter_log = MeterLog()
         self.links: dict[str, Link | Listener] = {}
         self.buses: dict[str, Bus] = {}
-        self.started = time.time()
+        self.sinks: dict[str, Sink[Any]] = {}
+        self._parts: dict[str, asyncio.Event] = {}
+        self.api: ApiServer | None = None
+
+    # --- parts --------------------------------------------------------------------------------
+    def _start(self, part: str, factory: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        own = asyncio.Event()
+        self._parts[part] = own
+
+        async def until_stopped() -> None:
+            stopper = asyncio.create_task(self.stop.wait())
+            stopper.add_done_callback(lambda _: own.set())
+            try:
+                await factory(own)
+            finally:
+                stopper.cancel()
+
+        self.supervisor.spawn(part, until_stopped)
+
+    def end_part(self, part: str) -> None:
+        event = self._parts.pop(part, None)
+        if event is not None:
+            event.set()
 
     # --- links and buses ------------------------------------------------------------------------
     def timing_for(self, meter: MeterConfig) -> Timing:
@@ -79,9 +108,8 @@ class Daemon:
             key = f"{meter.link}/{meter.peer or meter.address}"
             bus = self.buses.get(key)
             if bus is None:
-                bus = self._make_bus(meter.link, link.peer(meter.peer or meter.address))
-                self.buses[key] = bus
-                self.supervisor.spawn(f"bus-{key}", lambda b=bus: b.run(self.stop))  # type: ignore[misc]
+                bus = self.buses[key] = self._make_bus(meter.link, link.peer(meter.peer or meter.address))
+                self._start(f"bus:{key}", bus.run)
             return bus
         return self.buses.get(meter.link)
 
@@ -91,16 +119,21 @@ class Daemon:
         link.on_state = self.stats.link_state
         return Bus(link, timing, degrade_after=cfg.degrade_after, trace=trace_logger(link.name) if cfg.trace else None)
 
-    def start_links(self) -> None:
-        for cfg in self.config.links:
-            link = build_link(cfg)
-            self.links[cfg.name] = link
-            self.supervisor.spawn(f"link-{cfg.name}", lambda lk=link: lk.run(self.stop))  # type: ignore[misc]
-            if isinstance(link, Listener):
-                continue
-            bus = self._make_bus(cfg.name, link)
-            self.buses[cfg.name] = bus
-            self.supervisor.spawn(f"bus-{cfg.name}", lambda b=bus: b.run(self.stop))  # type: ignore[misc]
+    def start_link(self, cfg: LinkConfig) -> None:
+        link = build_link(cfg)
+        link.on_state = self.stats.link_state
+        self.links[cfg.name] = link
+        self._start(f"link:{cfg.name}", link.run)
+        if not isinstance(link, Listener):
+            bus = self.buses[cfg.name] = self._make_bus(cfg.name, link)
+            self._start(f"bus:{cfg.name}", bus.run)
+
+    def stop_link(self, name: str) -> None:
+        self.links.pop(name, None)
+        self.end_part(f"link:{name}")
+        for key in [k for k in self.buses if k == name or k.startswith(name + "/")]:
+            self.buses.pop(key)
+            self.end_part(f"bus:{key}")
 
     def links_up(self) -> int:
         up = 0
@@ -111,6 +144,19 @@ class Daemon:
                 up += 1
         return up
 
+    def start_sink(self, cfg: SinkConfig) -> None:
+        sink = build_sink(cfg, self.config.station.name)
+        self.sinks[cfg.name] = sink
+        self._start(f"sink:{cfg.name}", lambda own: sink.run(self.journal, own))
+
+    def start_scheduler(self) -> None:
+        config = self.config
+        reader = Dlt645Reader(config.station.name, config.tz, self.timing_for)
+        scheduler = Scheduler(config.plans, {p.name: config.plan_meters(p) for p in config.plans},
+                              bus_for=self.bus_for, reader=reader, journal=self.journal,
+                              observer=Observer(self.stats, self.meter_log), station=config.station.name, tz=config.tz)
+        self._start("scheduler", scheduler.run)
+
     # --- lifecycle ------------------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -119,21 +165,17 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.journal.open()
         try:
-            self.start_links()
-            api = ApiServer(self.config.api, self.stats, journal_ok=lambda: self.journal.alive,
-                            links_up=self.links_up, extra={"journal": lambda: dict(self.journal.stats)})
-            await api.start()
+            for link_cfg in self.config.links:
+                self.start_link(link_cfg)
+            self.api = ApiServer(self.config.api, self.stats, journal_ok=lambda: self.journal.alive,
+                                 links_up=self.links_up, extra={"journal": lambda: dict(self.journal.stats),
+                                                                "sinks": self.sink_status})
+            self._register_metrics(self.api)
+            await self.api.start()
             for sink_cfg in self.config.sinks:
-                sink = build_sink(sink_cfg, self.config.station.name)
-                self.supervisor.spawn(f"sink-{sink.name}", lambda s=sink: s.run(self.journal, self.stop))  # type: ignore[misc]
+                self.start_sink(sink_cfg)
             self.supervisor.spawn("retention", lambda: self.journal.run_retention(self.stop))
-            meter_log = MeterLog()
-            scheduler = Scheduler(self.config.plans, {p.name: self.config.plan_meters(p) for p in self.config.plans},
-                                  bus_for=self.bus_for, reader=Dlt645Reader(self.config.station.name, self.config.tz,
-                                                                            self.timing_for),
-                                  journal=self.journal, observer=Observer(self.stats, meter_log),
-                                  station=self.config.station.name, tz=self.config.tz)
-            self.supervisor.spawn("scheduler", lambda: scheduler.run(self.stop))
+            self.start_scheduler()
             self.supervisor.spawn("watchdog", lambda: sdnotify.watchdog(self.stop))
             sdnotify.ready()
             log.info("meterd %s running: %d links, %d meters, %d plans, %d sinks", self.config.station.name,
@@ -141,16 +183,37 @@ class Daemon:
             await self.stop.wait()
             sdnotify.stopping()
             await self.supervisor.shutdown()
-            await api.stop()
+            await self.api.stop()
         finally:
             await self.journal.close()
         return 0
 
+    def sink_status(self) -> dict[str, object]:
+        return {name: dict(sink.counters) for name, sink in self.sinks.items()}
+
+    def _register_metrics(self, api: ApiServer) -> None:
+        m = api.metrics
+        m.register_gauge_callback("meterd_journal_appended", "readings committed to the journal", (),
+                                  lambda: float(self.journal.stats.get("appended", 0)), kind="counter")
+        m.register_gauge_callback("meterd_journal_dropped", "readings dropped by retention", ("why",), lambda: {
+            (k.removeprefix("dropped_"),): float(v) for k, v in self.journal.stats.items() if k.startswith("dropped_")})
+        m.register_gauge_callback("meterd_sink_backlog", "journal entries a sink has not forwarded", ("sink",),
+                                  lambda: {(n, ): float(s.counters["backlog"]) for n, s in self.sinks.items()})
+        m.register_gauge_callback("meterd_sink_dropped", "lines a sink dropped (rejected by the server)", ("sink",),
+                                  lambda: {(n, ): float(s.counters["dropped_lines"]) for n, s in self.sinks.items()},
+                                  kind="counter")
+        m.register_gauge_callback("meterd_sink_sent", "lines a sink delivered", ("sink",),
+                                  lambda: {(n, ): float(s.counters["sent_lines"]) for n, s in self.sinks.items()},
+                                  kind="counter")
+
     def reload(self) -> None:
+        """SIGHUP: validate the new file, then restart only what changed; a bad file changes nothing."""
         try:
             fresh = load_config(self.config_path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config:\n%s", exc)
             return
-        log.warning("SIGHUP: config reload is applied on restart in this version (%d meters in the new file)",
-                    len(fresh.meters))
+        sdnotify.reloading()
+        changes = apply(self, fresh)
+        sdnotify.ready()
+        log.info("reloaded %s: %s", self.config_path, ", ".join(changes) or "nothing changed")
