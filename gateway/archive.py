@@ -2,7 +2,7 @@
 
 Real stations have thousands of meters, so besides inline `[[meters]]` the
 archive comes from a CSV export (address, link, protocol, edition, area,
-customer, password_group). Bad rows are reported with file and line.
+customer, password_group, peer). Bad rows are reported with file and line.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from protocols.dlt645 import AddressError, normalize
 
-CSV_COLUMNS = ("address", "link", "protocol", "edition", "area", "customer", "password_group")
+CSV_COLUMNS = ("address", "link", "protocol", "edition", "area", "customer", "password_group", "peer")
 
 
 class MeterConfig(BaseModel):
