@@ -84,7 +84,8 @@ class _Job:
 
 class Bus:
     def __init__(self, link: Link, timing: Timing | None = None, *, degrade_after: int = 3,
-                 probe_min: float = 60.0, probe_max: float = 3600.0, trace: logging.Logger | None = None) -> None:
+                 probe_min: float = 60.0, probe_max: float = 3600.0, trace: logging.Logger | None = None,
+                 link_grace: float = 3.0) -> None:
         self.link = link
         self.timing = timing or Timing()
         self.degrade_after = degrade_after
@@ -97,6 +98,8 @@ class Bus:
         self._seq = itertools.count()
         self._framer = Framer(Accept.REPLIES)
         self.busy_since: float | None = None
+        self.link_grace = link_grace  # s a reconnecting link gets before queued jobs fail with link_down
+        self._down_since: float | None = None
 
     @property
     def name(self) -> str:
@@ -142,7 +145,8 @@ class Bus:
                 try:
                     result = await self._run_job(job)
                 except BusError as exc:
-                    self._record(job.address, ok=False)
+                    if not isinstance(exc, LinkIsDown):  # a link outage says nothing about the meter
+                        self._record(job.address, ok=False)
                     if not job.future.done():
                         job.future.set_exception(exc)
                 else:
@@ -155,6 +159,18 @@ class Bus:
                 job = self._queue.get_nowait()
                 if not job.future.done():
                     job.future.set_exception(LinkIsDown(f"bus {self.name} stopped"))
+
+    async def _wait_link(self) -> bool:
+        """A link that just dropped gets `link_grace` to come back before queued jobs fail;
+        one that has been down longer fails them at once (a round over a dead link stays quick)."""
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        left = self.link_grace - (now - self._down_since)
+        if left > 0 and await self.link.wait_up(left):
+            self._down_since = None
+            return True
+        return False
 
     def _record(self, address: str, *, ok: bool) -> None:
         if ok:
@@ -171,10 +187,11 @@ class Bus:
         attempts = 1 + max(0, timing.retries) if not job.broadcast else 1
         error: BusError = NoReply("no attempt")
         for attempt in range(attempts):
-            if not self.link.up:
+            if not self.link.up and not await self._wait_link():
                 raise LinkIsDown(f"link {self.name} is down: {self.link.detail}")
             if attempt:
                 self.stats["retries"] += 1
+            self._down_since = None
             try:
                 frame = await self._exchange(job, timing)
             except LinkDown as exc:

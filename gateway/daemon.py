@@ -117,6 +117,7 @@ class Daemon:
         cfg = self.config.link(name)
         timing = Timing(cfg.first_byte_timeout_s, cfg.inter_byte_timeout_s, cfg.gap, cfg.retries, cfg.preamble)
         link.on_state = self.stats.link_state
+        self.stats.link_state(link.name, link.up, link.detail)  # a DTU may have dialled in before its bus existed
         return Bus(link, timing, degrade_after=cfg.degrade_after, trace=trace_logger(link.name) if cfg.trace else None)
 
     def start_link(self, cfg: LinkConfig) -> None:
@@ -124,7 +125,11 @@ class Daemon:
         link.on_state = self.stats.link_state
         self.links[cfg.name] = link
         self._start(f"link:{cfg.name}", link.run)
-        if not isinstance(link, Listener):
+        if isinstance(link, Listener):  # one bus per peer its meters name, so their DTUs are expected
+            for meter in self.config.meters:
+                if meter.link == cfg.name:
+                    self.bus_for(meter)
+        else:
             bus = self.buses[cfg.name] = self._make_bus(cfg.name, link)
             self._start(f"bus:{cfg.name}", bus.run)
 

@@ -66,7 +66,10 @@ def journal_path(args: argparse.Namespace) -> Path:
     state_dir = config.get("station", {}).get("state_dir")
     if not isinstance(state_dir, str) or not state_dir:
         raise UsageError(f"config {args.config} has no [station] state_dir")
-    return Path(state_dir) / FILENAME
+    path = Path(state_dir)
+    if not path.is_absolute():  # as the daemon does: relative to the config file
+        path = Path(args.config).parent / path
+    return path / FILENAME
 
 
 def parse_time(text: str | None, option: str, now: float) -> float | None:

@@ -174,9 +174,9 @@ class Bus:
             if "late_reply" in hits:
                 delay = float(hits["late_reply"].params.get("delay_s", 2.0))
         begin = end_of_request + delay
-        await self._send(conn, data, begin, bt)
+        sent = await self._send(conn, data, begin, bt)
         self._busy_until = begin + len(data) * bt + wire.gap
-        if len(replies) == 1 and not {"corrupt", "truncated", "late_reply"} & hits.keys():
+        if sent and len(replies) == 1 and not {"corrupt", "truncated", "late_reply"} & hits.keys():
             answering[0].truth["delivered"] += 1
 
     def _targets(self, address: str) -> list[Meter]:
@@ -221,7 +221,8 @@ class Bus:
         for meter in meters:
             meter.truth[f"fault_{kind}"] += 1
 
-    async def _send(self, conn: Connection, data: bytes, begin: float, bt: float) -> None:
+    async def _send(self, conn: Connection, data: bytes, begin: float, bt: float) -> bool:
+        """Write the reply as the wire would; False if the connection closed before it was all out."""
         loop_time = asyncio.get_running_loop().time
         offset = loop_time() - self.clock()  # wall clock -> loop clock
         for i in range(0, len(data), CHUNK if bt else len(data)):
@@ -231,6 +232,7 @@ class Bus:
             if wait > 0:
                 await asyncio.sleep(wait)
             if not conn.open:
-                return
+                return False
             conn.port.write(chunk)
         self.truth["replies"] += 1
+        return True
