@@ -9,9 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.config import ConfigError, load_config
-from gateway.logs import setup_logging
-
 
 def add_parsers(sub: Any) -> None:
     run = sub.add_parser("run", help="run the collection daemon in the foreground")
@@ -25,6 +22,8 @@ def add_parsers(sub: Any) -> None:
 
 
 def check_config(args: argparse.Namespace) -> int:
+    from gateway.config import ConfigError, load_config  # noqa: PLC0415  (keeps other sub-commands fast)
+
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -36,6 +35,9 @@ def check_config(args: argparse.Namespace) -> int:
 
 
 def run_daemon(args: argparse.Namespace) -> int:
+    from gateway.config import ConfigError, load_config  # noqa: PLC0415  (keeps other sub-commands fast)
+    from gateway.logs import setup_logging  # noqa: PLC0415
+
     setup_logging(getattr(logging, args.log_level), json=args.log_json)
     try:
         config = load_config(args.config)

@@ -64,7 +64,7 @@ class Dlt645Reader:
                 outcome.reason = Reason.NO_DATA if no_data else Reason.ABNORMAL_REPLY
                 outcome.detail = f"{name}: {','.join(error_names(reply.error))}"
                 continue
-            outcome.readings += self._readings(meter, bus.name, plan, reply, stamp)
+            outcome.readings += self._readings(meter, meter.link, plan, reply, stamp)  # configured link: bounded tag
         outcome.duration = time.time() - started
         return outcome
 

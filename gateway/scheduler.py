@@ -70,8 +70,12 @@ class Scheduler:
             await asyncio.gather(*timers, *self._rounds, return_exceptions=True)
 
     async def _plan_loop(self, plan: PlanConfig, stop: asyncio.Event) -> None:
+        last = 0.0
         while not stop.is_set():
-            due = next_run(plan, self.clock(), self.tz) + self.rng.uniform(0, plan.jitter)
+            # max(): a clock stepped back (NTP on a box without RTC) must not run the same slot twice
+            base = next_run(plan, max(self.clock(), last), self.tz)
+            last = base
+            due = base + self.rng.uniform(0, plan.jitter)
             try:
                 await asyncio.wait_for(stop.wait(), max(0.0, due - self.clock()))
                 return

@@ -128,6 +128,7 @@ class Sink(abc.ABC, Generic[Unit]):
         }
         self._failures = 0  # consecutive failed attempts, drives the backoff
         self._wakeup = asyncio.Event()  # a subclass sets it when resending may now work
+        self._journal: Journal | None = None  # while run() forwards from it: keeps `backlog` fresh during retries
 
     # --- what a sink kind provides -----------------------------------------------------------
     @abc.abstractmethod
@@ -156,6 +157,7 @@ class Sink(abc.ABC, Generic[Unit]):
     async def run(self, journal: Journal, stop: asyncio.Event) -> None:
         """Forward until `stop` is set; returns after closing the sink's clients."""
         self.counters["state"] = "ok"
+        self._journal = journal
         try:
             await self.open()
             while not stop.is_set():
@@ -210,6 +212,7 @@ class Sink(abc.ABC, Generic[Unit]):
                     dropped.append(f"{self.describe(chunk[0])} ({failure})")
                 continue
             pending.appendleft(chunk)
+            await self._refresh_backlog()  # what waits grows while the server is away: ops must see it
             self.counters["retries"] += 1
             self._failures += 1
             self.set_failing(str(failure), "unauthorized" if verdict is Verdict.UNAUTHORIZED else "retrying")
@@ -253,6 +256,13 @@ class Sink(abc.ABC, Generic[Unit]):
                 with contextlib.suppress(asyncio.CancelledError):
                     await waiter
         return not stop.is_set()
+
+    async def _refresh_backlog(self) -> None:
+        if self._journal is not None:
+            try:
+                self.counters["backlog"] = await self._journal.backlog(self.cursor)
+            except Exception:  # a failing count must not stop the retries; the next one tries again
+                log.debug("sink %s: cannot count the backlog", self.name, exc_info=True)
 
     def wake(self) -> None:
         """Cut a retry or idle pause short (e.g. the connection is back)."""
