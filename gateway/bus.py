@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gateway.links.base import Link, LinkDown
 from protocols.dlt645 import Accept, Frame, FrameError, Framer
@@ -29,6 +29,7 @@ class Priority(enum.IntEnum):
     CONTROL = 0
     REREAD = 1
     ROUTINE = 2
+    BACKGROUND = 3  # housekeeping (clock checks): only when no poll is waiting
 
 
 @dataclass(frozen=True)
@@ -71,15 +72,15 @@ class _Health:
     backoff: float = 0.0
 
 
-@dataclass(order=True)
+@dataclass(slots=True)
 class _Job:
     priority: int
     seq: int
-    request: bytes = field(compare=False)
-    address: str = field(compare=False)
-    timing: Timing = field(compare=False)
-    broadcast: bool = field(compare=False)
-    future: asyncio.Future[Frame | None] = field(compare=False)
+    request: bytes
+    address: str
+    timing: Timing
+    broadcast: bool
+    future: asyncio.Future[Frame | None]
 
 
 class Bus:
@@ -94,7 +95,8 @@ class Bus:
         self.trace = trace
         self.stats: Counter[str] = Counter()
         self.health: dict[str, _Health] = {}
-        self._queue: asyncio.PriorityQueue[_Job] = asyncio.PriorityQueue()
+        # (priority, seq, job): tuples compare in C; a dataclass with order=True compared in Python
+        self._queue: asyncio.PriorityQueue[tuple[int, int, _Job]] = asyncio.PriorityQueue()
         self._seq = itertools.count()
         self._framer = Framer(Accept.REPLIES)
         self.busy_since: float | None = None
@@ -126,7 +128,7 @@ class Bus:
                    loop.create_future())
         if health and health.failures >= self.degrade_after:
             health.probe_at = now + health.backoff  # only one probe in flight per interval
-        self._queue.put_nowait(job)
+        self._queue.put_nowait((job.priority, job.seq, job))
         return await job.future
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -134,12 +136,15 @@ class Bus:
         stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
-                getter = asyncio.create_task(self._queue.get())
-                done, _ = await asyncio.wait({getter, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    break
-                job = getter.result()
+                if self._queue.empty():  # only an idle bus pays for a waiter task
+                    getter = asyncio.create_task(self._queue.get())
+                    done, _ = await asyncio.wait({getter, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter not in done:
+                        getter.cancel()
+                        break
+                    job = getter.result()[2]
+                else:
+                    job = self._queue.get_nowait()[2]
                 if job.future.done():  # the caller gave up (cancelled)
                     continue
                 try:
@@ -156,7 +161,7 @@ class Bus:
         finally:
             stopping.cancel()
             while not self._queue.empty():
-                job = self._queue.get_nowait()
+                job = self._queue.get_nowait()[2]
                 if not job.future.done():
                     job.future.set_exception(LinkIsDown(f"bus {self.name} stopped"))
 

@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gateway import daemon_cli, decoding, readings_cli, status_cli
+from gateway import daemon_cli, decoding, read_cli, readings_cli, status_cli
 
-NOT_YET = ("read", "control", "accounts")
+NOT_YET = ("control", "accounts")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     decoding.add_parser(sub)
     daemon_cli.add_parsers(sub)
     readings_cli.add_parser(sub)
+    read_cli.add_parser(sub)
     status_cli.add_parser(sub)
     for name in NOT_YET:
         sub.add_parser(name, help="(not available yet)", add_help=False)

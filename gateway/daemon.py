@@ -17,8 +17,10 @@ from typing import Any
 
 from gateway import sdnotify
 from gateway.api import ApiServer
+from gateway.api_read import read_routes
 from gateway.archive import MeterConfig
 from gateway.bus import Bus, Timing
+from gateway.clock import ClockWatch
 from gateway.config import Config, ConfigError, load_config
 from gateway.journal import Journal
 from gateway.links import Link, Listener, build_link
@@ -74,6 +76,7 @@ class Daemon:
         self.sinks: dict[str, Sink[Any]] = {}
         self._parts: dict[str, asyncio.Event] = {}
         self.api: ApiServer | None = None
+        self.clock_watch = ClockWatch(lambda: self.config, self.bus_for, self.timing_for)
 
     # --- parts --------------------------------------------------------------------------------
     def _start(self, part: str, factory: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -174,13 +177,17 @@ class Daemon:
                 self.start_link(link_cfg)
             self.api = ApiServer(self.config.api, self.stats, journal_ok=lambda: self.journal.alive,
                                  links_up=self.links_up, extra={"journal": lambda: dict(self.journal.stats),
-                                                                "sinks": self.sink_status})
+                                                                "sinks": self.sink_status,
+                                                                "clock": self.clock_watch.status})
+            self.api.add_routes(read_routes(lambda: self.config, self.bus_for, Dlt645Reader(
+                self.config.station.name, self.config.tz, self.timing_for)))
             self._register_metrics(self.api)
             await self.api.start()
             for sink_cfg in self.config.sinks:
                 self.start_sink(sink_cfg)
             self.supervisor.spawn("retention", lambda: self.journal.run_retention(self.stop))
             self.start_scheduler()
+            self._start("clock", self.clock_watch.run)
             self.supervisor.spawn("watchdog", lambda: sdnotify.watchdog(self.stop))
             sdnotify.ready()
             log.info("meterd %s running: %d links, %d meters, %d plans, %d sinks", self.config.station.name,

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.model import Reading, RoundStats
 
 log = logging.getLogger(__name__)
+BACKLOG_EVERY = 2.0  # s between backlog counts while a sink is catching up
 
 Unit = TypeVar("Unit")
 State = Literal["ok", "retrying", "unauthorized", "stopped"]
@@ -129,6 +130,7 @@ class Sink(abc.ABC, Generic[Unit]):
         self._failures = 0  # consecutive failed attempts, drives the backoff
         self._wakeup = asyncio.Event()  # a subclass sets it when resending may now work
         self._journal: Journal | None = None  # while run() forwards from it: keeps `backlog` fresh during retries
+        self._counted = 0.0  # monotonic time of the last backlog count
 
     # --- what a sink kind provides -----------------------------------------------------------
     @abc.abstractmethod
@@ -188,7 +190,12 @@ class Sink(abc.ABC, Generic[Unit]):
             await journal.advance_rounds(self.cursor, max(entries))
         else:
             await journal.advance(self.cursor, max(entries))
-            self.counters["backlog"] = await journal.backlog(self.cursor)
+            now = time.monotonic()
+            if len(entries) < limit:
+                self.counters["backlog"] = 0  # caught up with what was there
+            elif now - self._counted >= BACKLOG_EVERY:  # counting costs O(backlog): not after every batch
+                self._counted = now
+                self.counters["backlog"] = await journal.backlog(self.cursor)
         return len(entries) >= limit
 
     async def deliver(self, units: list[Unit], stop: asyncio.Event) -> bool:
