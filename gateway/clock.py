@@ -75,7 +75,8 @@ class ClockWatch:
 
     def __init__(self, config: Callable[[], Config], bus_for: Callable[[MeterConfig], Bus | None],
                  timing_for: Callable[[MeterConfig], Timing], *, clock: Callable[[], float] = time.time,
-                 priority: Priority = Priority.BACKGROUND, tick: float = TICK, verify_after: float = VERIFY_AFTER) -> None:
+                 priority: Priority = Priority.BACKGROUND, tick: float = TICK,
+                 verify_after: float = VERIFY_AFTER) -> None:
         self.config = config
         self.bus_for = bus_for
         self.timing_for = timing_for
