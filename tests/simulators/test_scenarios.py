@@ -167,3 +167,13 @@ async def test_1997_meter_on_the_same_line(line):
     reply = await line.client.ask(read_request(OLD, 0xC099, 1997))
     assert reply is not None and reply.edition == 1997 and reply.error == Error1997.BAD_DI
     assert parse(read_request(OLD, 0x9010, 1997)).control == 0x01
+
+
+async def test_wire_timing_on_this_transport(line):
+    """bytes x 11 / baud + reply delay, within 10 %, on the pty as on TCP (9600 Bd, delay 5-15 ms, 2 FE)."""
+    for _ in range(3):
+        request = read_request(NEW, find("forward_active_energy_block").di)
+        frame = await line.client.frame(request)
+        assert frame is not None
+        wire = (len(request) + 2 + len(frame.data) + 12) * 11 / 9600
+        assert wire + 0.005 * 0.9 <= line.client.last_elapsed <= (wire + 0.015) * 1.1
