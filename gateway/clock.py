@@ -211,6 +211,8 @@ class ClockWatch:
     async def check_due(self) -> int:
         """Check every meter whose check is due, one at a time per bus, buses in parallel; how many."""
         config = self.config()
+        if config.time_sync.check_every is None:
+            return 0
         now = self.clock()
         known = {m.address for m in config.meters}
         for table in (self._drifts, self._unreadable, self._due):
@@ -243,13 +245,13 @@ class ClockWatch:
         except (BusError, ClockError) as exc:
             self.stats["checks_failed"] += 1
             self._unreadable[meter.address] = f"{getattr(exc, 'reason', 'bad_clock')}: {exc}"
-            self._due[meter.address] = self.clock() + min(settings.check_every, RETRY_FAILED)
+            self._due[meter.address] = self.clock() + min(settings.check_every or RETRY_FAILED, RETRY_FAILED)
             return None
         now = self.clock()
         self.stats["checks"] += 1
         self._unreadable.pop(meter.address, None)
         self._drifts[meter.address] = Drift(drift, now, shown)
-        self._due[meter.address] = now + settings.check_every
+        self._due[meter.address] = now + (settings.check_every or RETRY_FAILED)
         off = abs(drift) > settings.drift_threshold
         if off and meter.address not in self._warned:
             self._warned.add(meter.address)
