@@ -38,6 +38,20 @@ class Port(Protocol):
         """Close the connection or hang up (link-drop fault)."""
 
 
+class StreamPort(asyncio.Protocol):
+    """A `Port` over an asyncio transport (socket, serial port): writes while open, aborts on link drop."""
+
+    transport: asyncio.Transport | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def drop(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
 @dataclass
 class Wire:
     baud: int = 2400

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 
-from simulators.bus import Bus, Connection
+from simulators.bus import Bus, Connection, StreamPort
 from simulators.packing import Backoff, Packer
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ REGISTER_MODES = ("once", "prefix", "both")
 CONNECT_TIMEOUT = 10.0  # s before a dial attempt counts as failed
 
 
-class _DtuSession(asyncio.Protocol):
+class _DtuSession(StreamPort):
     """One TCP connection of the DTU; the bus's Port while it lasts."""
 
     def __init__(self, dtu: DtuExposure) -> None:
@@ -67,14 +67,9 @@ class _DtuSession(asyncio.Protocol):
         prefix = self.dtu.registration if self.dtu.register_mode in ("prefix", "both") else b""
         self.send_raw(prefix + data)
 
-    # Port
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:  # Port: the bus's chunks are packed into packets first
         if self.transport is not None and not self.transport.is_closing():
             self.packer.write(data)
-
-    def drop(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
 
 
 class DtuExposure:

@@ -28,7 +28,7 @@ import termios
 import serial
 import serial_asyncio_fast
 
-from simulators.bus import Bus, Connection
+from simulators.bus import Bus, Connection, StreamPort
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def is_pty(device: str) -> bool:
     return stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in PTY_SLAVE_MAJORS
 
 
-class _SerialPort(asyncio.Protocol):
+class _SerialPort(StreamPort):
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.transport: asyncio.Transport | None = None
@@ -65,15 +65,6 @@ class _SerialPort(asyncio.Protocol):
             self.conn = None
         if not self.lost.done():
             self.lost.set_result(exc)
-
-    # Port
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def drop(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
 
 
 class SerialExposure:

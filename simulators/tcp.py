@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from simulators.bus import Bus, Connection
+from simulators.bus import Bus, Connection, StreamPort
 
 log = logging.getLogger(__name__)
 
 
-class _SocketPort(asyncio.Protocol):
+class _SocketPort(StreamPort):
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.transport: asyncio.Transport | None = None
@@ -33,15 +33,6 @@ class _SocketPort(asyncio.Protocol):
         if self.conn is not None:
             self.conn.close()
             self.conn = None
-
-    # Port
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def drop(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
 
 
 class TcpExposure:
