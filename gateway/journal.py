@@ -186,6 +186,21 @@ class Journal:
         used = await self._read(store.used_bytes)
         return {"used": used, "file": await asyncio.to_thread(file_bytes, self.path)}
 
+    # ---- other tables (control commands, prepaid accounts) ----
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(conn, *args)` in the writer thread inside a group transaction; return once committed.
+
+        For modules that keep their own tables in the journal (control, prepaid): their schema and
+        SQL stay with them, durability and threading stay here. An exception rolls the group back.
+        """
+        result: T = await self._submit("call", args=(fn, *args))
+        return result
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(conn, *args)` on the read-only connection in the reader thread."""
+        return await self._read(fn, *args)
+
     # ---- plumbing ----
 
     async def _submit(self, kind: str, rows: list[store.Row] | None = None, args: tuple[Any, ...] = ()) -> Any:

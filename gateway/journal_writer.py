@@ -33,12 +33,22 @@ SOLO = frozenset({"open", "retain", "stop"})  # run alone, outside a group trans
 
 @dataclass(slots=True)
 class Op:
-    """One request: kind is open | append | cursor | advance | round | retain | stop."""
+    """One request: kind is open | append | cursor | advance | round | call | retain | stop.
+
+    `call` runs `args[0](conn, *args[1:])` inside the group transaction; its return value is the result.
+    """
 
     kind: str
     future: asyncio.Future[Any]
     rows: list[store.Row] = field(default_factory=list)
     args: tuple[Any, ...] = ()
+
+
+@dataclass(slots=True)
+class _Failed:
+    """A `call` that raised: only its own request fails."""
+
+    error: BaseException
 
 
 def _settle(op: Op, result: Any = None, error: BaseException | None = None) -> None:
@@ -125,9 +135,10 @@ class Writer:
         try:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
+            results: list[Any] = []
             for op in group:
                 before = conn.total_changes
-                self._apply(conn, op)
+                results.append(self._apply(conn, op))
                 if op.kind == "append":
                     inserted += conn.total_changes - before
                     offered += len(op.rows)
@@ -140,11 +151,24 @@ class Writer:
         self.stats["duplicates"] += offered - inserted
         self.stats["batches"] += 1
         self.stats["commit_seconds_total"] += time.monotonic() - started
-        for op in group:
-            _settle(op)
+        for op, result in zip(group, results, strict=True):
+            if isinstance(result, _Failed):
+                _settle(op, error=result.error)
+            else:
+                _settle(op, result)
 
     @staticmethod
-    def _apply(conn: sqlite3.Connection, op: Op) -> None:
+    def _apply(conn: sqlite3.Connection, op: Op) -> Any:
+        if op.kind == "call":  # in a savepoint: its own failure is its caller's, not the group's
+            conn.execute("SAVEPOINT call")
+            try:
+                result = op.args[0](conn, *op.args[1:])
+            except Exception as exc:
+                conn.execute("ROLLBACK TO call")
+                conn.execute("RELEASE call")
+                return _Failed(exc)
+            conn.execute("RELEASE call")
+            return result
         if op.kind == "append":
             conn.executemany(store.INSERT_READING, op.rows)
         elif op.kind == "cursor":
@@ -155,6 +179,7 @@ class Writer:
             store.upsert_round(conn, *op.args)
         else:
             raise store.JournalError(f"unknown journal request {op.kind!r}")
+        return None
 
     def _failed(self, group: list[Op], exc: BaseException) -> None:
         error = store.explain(exc, self.path)

@@ -1,0 +1,1 @@
+"""Prepaid control: trip and reconnect commands that are persisted, guarded, serialized and verified."""
