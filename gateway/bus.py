@@ -219,46 +219,105 @@ class Bus:
             self.trace.debug("%s -> %s", self.name, data.hex(" "))
         self.stats["requests"] += 1
         self.busy_since = time.monotonic()
+        answer = None if job.broadcast else _Answer(self, job.address, timing)
         try:
-            await link.send(data)
-            if job.broadcast:
+            if answer is None:
+                await link.send(data)
                 return None
-            return await self._await_reply(job.address, timing)
+            link.attach(answer)  # before sending: a reply may come while send() still waits (MQTT PUBACK)
+            await link.send(data)
+            answer.start()
+            return await answer.future
         finally:
             self.busy_since = None
+            if answer is not None:
+                link.detach(answer)
+                answer.close()
 
-    async def _await_reply(self, address: str, timing: Timing) -> Frame:
-        link = self.link
-        received = 0
-        errors: list[FrameError] = []
-        deadline = time.monotonic() + timing.first_byte
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                chunk = await link.receive(max(left, 0.0)) if left > 0 else b""
-            except TimeoutError:
-                chunk = b""
-            if not chunk:  # the line went quiet: first-byte or inter-byte timeout
-                for event in self._framer.flush():
-                    if isinstance(event, Frame) and event.address == address:
-                        return event
-                    if isinstance(event, FrameError):
-                        errors.append(event)
-                if received == 0:
-                    self.stats["no_reply"] += 1
-                    raise NoReply(f"no reply from {address} within {timing.first_byte:g} s")
-                self.stats["bad_frames"] += 1
-                detail = "; ".join(f"{e.reason}: {e}" for e in errors[:3]) or "no valid frame"
-                raise BadFrame(f"{received} bytes from {address} but no valid reply ({detail})")
-            received += len(chunk)
-            if self.trace:
-                self.trace.debug("%s <- %s", self.name, chunk.hex(" "))
-            for event in self._framer.feed(chunk):
-                if isinstance(event, Frame):
-                    if event.address == address or "A" in address:
-                        return event
-                    self.stats["stray_frames"] += 1  # a late reply to an earlier request
-                else:
-                    errors.append(event)
-            deadline = time.monotonic() + timing.inter_byte
 
+class _Answer:
+    """The reply side of one transaction, fed by the link as bytes arrive (a `links.Receiver`).
+
+    No task and no wait_for per transaction: the framer runs in the transport's callback and
+    resolves `future` when a whole frame from the address arrives. One timer does both timeouts:
+    armed for the first byte, it re-arms itself for the inter-byte deadline that each chunk moves;
+    when it finds the line quiet, the framer is flushed and the answer is NoReply or BadFrame.
+    """
+
+    __slots__ = ("address", "bus", "deadline", "errors", "future", "loop", "received", "timer", "timing",
+                 "wildcard")
+
+    def __init__(self, bus: Bus, address: str, timing: Timing) -> None:
+        self.bus = bus
+        self.address = address
+        self.wildcard = "A" in address
+        self.timing = timing
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[Frame] = self.loop.create_future()
+        self.received = 0
+        self.errors: list[FrameError] = []
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """The request is out: the first-byte timeout runs from now (inter-byte if bytes came already)."""
+        if not self.future.done():
+            self.deadline = self.loop.time() + (self.timing.inter_byte if self.received else self.timing.first_byte)
+            self.timer = self.loop.call_at(self.deadline, self._expire)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        future = self.future
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            future.exception()  # retrieved: a LinkDown that raced send()'s own is not "never retrieved"
+
+    def data(self, chunk: bytes) -> None:
+        if self.future.done() or not chunk:
+            return
+        bus = self.bus
+        self.received += len(chunk)
+        if bus.trace:
+            bus.trace.debug("%s <- %s", bus.name, chunk.hex(" "))
+        for event in bus._framer.feed(chunk):
+            if isinstance(event, Frame):
+                if event.address == self.address or self.wildcard:
+                    self.future.set_result(event)
+                    return
+                bus.stats["stray_frames"] += 1  # a late reply to an earlier request
+            else:
+                self.errors.append(event)
+        self.deadline = deadline = self.loop.time() + self.timing.inter_byte
+        timer = self.timer
+        if timer is not None and deadline < timer.when():  # the first chunk: from first-byte to inter-byte
+            timer.cancel()
+            self.timer = self.loop.call_at(deadline, self._expire)
+
+    def lost(self, reason: str) -> None:
+        if not self.future.done():
+            self.future.set_exception(LinkDown(f"{self.bus.name}: {reason}"))
+
+    def _expire(self) -> None:
+        if self.future.done():
+            return
+        if self.loop.time() < self.deadline:  # bytes came since the timer was armed
+            self.timer = self.loop.call_at(self.deadline, self._expire)
+            return
+        bus = self.bus
+        for event in bus._framer.flush():  # the line went quiet: a held-back frame may still be whole
+            if isinstance(event, Frame):
+                if event.address == self.address or self.wildcard:
+                    self.future.set_result(event)
+                    return
+                bus.stats["stray_frames"] += 1
+            else:
+                self.errors.append(event)
+        if self.received == 0:
+            bus.stats["no_reply"] += 1
+            self.future.set_exception(NoReply(f"no reply from {self.address} within {self.timing.first_byte:g} s"))
+            return
+        bus.stats["bad_frames"] += 1
+        detail = "; ".join(f"{e.reason}: {e}" for e in self.errors[:3]) or "no valid frame"
+        self.future.set_exception(BadFrame(f"{self.received} bytes from {self.address} but no valid reply ({detail})"))

@@ -10,7 +10,10 @@ coming back one INFO, retries in between are DEBUG.
 A `Link` adds the pipe: `send`, `receive` (the next chunk of a byte stream,
 or the next message of a message link), `discard_input`. Whatever arrives
 while nobody reads waits in a bounded inbox; the oldest is dropped (and
-counted) when it is full.
+counted) when it is full. A hot reader (the bus, per transaction) can
+`attach` a `Receiver` instead: input then goes straight to it from the
+transport's callback, with no inbox, event or task in between, and a
+connection that goes away or is replaced is reported to it at once.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 log = logging.getLogger("gateway.links")
 
@@ -36,6 +39,16 @@ StateCallback = Callable[[str, bool, str], None]
 
 class LinkDown(Exception):
     """The link is not connected, or it dropped during the call."""
+
+
+class Receiver(Protocol):
+    """Takes a link's input as it arrives (see `Link.attach`). Called from transport callbacks: never blocks."""
+
+    def data(self, chunk: bytes) -> None:
+        """Bytes (byte links) or one message (message links)."""
+
+    def lost(self, reason: str) -> None:
+        """The connection this receiver was attached on went away or was replaced."""
 
 
 def describe(exc: BaseException) -> str:
@@ -218,6 +231,7 @@ class Link(Reconnecting):
         self._inbox_items = inbox_items
         self._inbox_bytes = inbox_bytes
         self._wake = asyncio.Event()
+        self._receiver: Receiver | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         raise NotImplementedError
@@ -263,6 +277,20 @@ class Link(Reconnecting):
             self.stats["discarded_bytes"] += dropped
         return dropped
 
+    def attach(self, receiver: Receiver) -> None:
+        """Hand input to `receiver` until `detach`, starting with what waits in the inbox.
+
+        One receiver at a time (a newer one replaces it); `receive` is not for use meanwhile.
+        """
+        self._receiver = receiver
+        while self._inbox and self._receiver is receiver:
+            receiver.data(self._take())
+
+    def detach(self, receiver: Receiver) -> None:
+        """Input goes to the inbox again (if `receiver` is still the attached one)."""
+        if self._receiver is receiver:
+            self._receiver = None
+
     def _take(self) -> bytes:
         if self.message_pipe or len(self._inbox) == 1:
             data = self._inbox.popleft()
@@ -277,6 +305,15 @@ class Link(Reconnecting):
         if not data and not self.message_pipe:
             return
         self.stats["bytes_in"] += len(data)
+        receiver = self._receiver
+        if receiver is not None:
+            try:
+                receiver.data(data)
+            except Exception:  # a broken receiver must not kill the transport's callback
+                self.stats["receiver_errors"] += 1
+                self._receiver = None
+                log.exception("%s %s: receiver failed; detached", self.kind, self.name)
+            return
         self._inbox.append(data)
         self._inbox_size += len(data)
         while len(self._inbox) > 1 and (len(self._inbox) > self._inbox_items or self._inbox_size > self._inbox_bytes):
@@ -289,3 +326,6 @@ class Link(Reconnecting):
             self._inbox.clear()
             self._inbox_size = 0
         self._wake.set()  # a reader waiting on the old connection gets LinkDown (what came before it first)
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:  # it already has every byte of the old connection
+            receiver.lost("the connection was replaced" if up else self.detail)

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.bus import BadFrame, Bus, Degraded, LinkIsDown, NoReply, Priority, Timing
 from gateway.links import TcpLink
-from protocols.dlt645 import decode, read_request
+from protocols.dlt645 import decode, read_reply, read_request
 from simulators.bus import Bus as Line
 from simulators.bus import Wire
 from simulators.faults import FaultPlan, FaultRule
@@ -109,3 +109,84 @@ async def test_link_down_is_reported_not_waited_for(setup):
     assert not link.up or await link.wait_up(5)
     assert await link.wait_up(5)
     assert await read(bus, "000000000001") > 0
+
+
+# --- the reply path, byte by byte, against a scripted peer on a real socket ------------------------
+
+REPLY = read_reply("000000000001", ENERGY, bytes(4))[0]  # 0.00 kWh
+STRAY = read_reply("000000000009", ENERGY, bytes.fromhex("01000000"))[0]
+
+
+@pytest.fixture
+async def scripted():
+    """A TCP peer that answers every request with `script`: (pause in s, bytes) steps; "drop" hangs up."""
+    script: list[tuple[float, bytes | str]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.read(256):
+                for pause, part in list(script):
+                    await asyncio.sleep(pause)
+                    if part == "drop":
+                        writer.transport.abort()
+                        return
+                    assert isinstance(part, bytes)
+                    writer.write(part)
+                    await writer.drain()
+        except ConnectionError:
+            pass
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    link = TcpLink("scripted", "127.0.0.1", server.sockets[0].getsockname()[1], reconnect_min=0.05,
+                   reconnect_max=0.1)
+    bus = Bus(link, Timing(first_byte=0.3, inter_byte=0.1, gap=0.0, retries=0, preamble=0), degrade_after=99)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(link.run(stop)), asyncio.create_task(bus.run(stop))]
+    assert await link.wait_up(5)
+    try:
+        yield script, bus, link
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        server.close()
+
+
+async def test_a_reply_split_by_pauses_shorter_than_the_inter_byte_timeout_is_one_frame(scripted):
+    script, bus, _ = scripted
+    script[:] = [(0.05, REPLY[:3]), (0.06, REPLY[3:9]), (0.06, REPLY[9:])]  # each gap < 0.1 s, total > 0.1 s
+    assert await read(bus, "000000000001") == 0.0
+
+
+async def test_a_pause_longer_than_the_inter_byte_timeout_makes_a_bad_frame(scripted):
+    script, bus, _ = scripted
+    script[:] = [(0.0, REPLY[:9]), (0.25, REPLY[9:])]
+    with pytest.raises(BadFrame, match=r"9 bytes .*truncated"):
+        await read(bus, "000000000001")
+    assert bus.stats["bad_frames"] == 1
+
+
+async def test_silence_is_no_reply_and_a_stray_frame_before_the_reply_is_counted(scripted):
+    script, bus, _ = scripted
+    with pytest.raises(NoReply, match=r"within 0\.3 s"):
+        await read(bus, "000000000001")
+    script[:] = [(0.0, STRAY), (0.02, b"\xfe\xfe" + REPLY)]
+    assert await read(bus, "000000000001") == 0.0
+    assert bus.stats["stray_frames"] == 1 and bus.stats["no_reply"] == 1
+
+
+async def test_only_a_stray_frame_is_a_bad_frame_not_a_reply(scripted):
+    script, bus, _ = scripted
+    script[:] = [(0.0, STRAY)]
+    with pytest.raises(BadFrame, match="no valid frame"):
+        await read(bus, "000000000001")
+
+
+async def test_a_drop_mid_reply_is_link_down_and_the_next_request_works_after_reconnecting(scripted):
+    script, bus, link = scripted
+    script[:] = [(0.0, REPLY[:5]), (0.02, "drop")]
+    with pytest.raises(LinkIsDown, match="dropped"):
+        await read(bus, "000000000001")
+    script[:] = [(0.0, REPLY)]
+    assert await link.wait_up(5)
+    assert await read(bus, "000000000001") == 0.0
+    assert link.stats["bytes_in"] == 5 + len(REPLY)

@@ -408,3 +408,70 @@ def test_link_config_errors_are_readable(data, message):
     with pytest.raises(pydantic.ValidationError) as info:
         parse_link(data)
     assert message in str(info.value)
+
+
+class Taker:
+    """A Receiver (see Link.attach) that keeps what it is handed."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.losses: list[str] = []
+
+    def data(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+    def lost(self, reason: str) -> None:
+        self.losses.append(reason)
+
+
+async def test_an_attached_receiver_gets_the_inbox_first_then_every_chunk_and_the_drop():
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"early")
+        while data := await reader.read(64):
+            if data == b"bye":
+                writer.transport.abort()
+                return
+            writer.write(data.upper())
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    link = TcpLink("t", "127.0.0.1", server.sockets[0].getsockname()[1], reconnect_min=5.0, reconnect_max=5.0)
+    taker = Taker()
+    try:
+        async with running(link):
+            assert await link.wait_up(3.0)
+            await eventually(lambda: link.stats["bytes_in"] == 5)
+            link.attach(taker)
+            assert taker.chunks == [b"early"]  # what waited in the inbox is handed over
+            await link.send(b"abc")
+            await eventually(lambda: taker.chunks == [b"early", b"ABC"])
+            link.detach(taker)
+            await link.send(b"def")
+            assert await link.receive(3.0) == b"DEF"  # detached: back to the inbox
+            link.attach(taker)
+            await link.send(b"bye")
+            await eventually(lambda: bool(taker.losses))
+            assert taker.losses == ["closed by the other side"] and not link.up
+    finally:
+        server.close()
+
+
+async def test_a_receiver_on_a_peer_link_is_told_when_a_new_socket_replaces_the_old_one():
+    listener = Listener("l", "127.0.0.1", 0, identify="address", probe_after=None, **FAST)
+    frame = b"\xfe\xfe" + build("000000000077", 0x93, bytes.fromhex("770000000000"))
+    async with listening(listener):
+        peer = listener.peer("000000000077")
+        _, first = await asyncio.open_connection("127.0.0.1", listener.port)
+        _, second = await asyncio.open_connection("127.0.0.1", listener.port)
+        try:
+            first.write(frame)
+            assert await peer.wait_up(3.0)
+            taker = Taker()
+            peer.attach(taker)
+            first.write(b"\x01\x02")
+            await eventually(lambda: taker.chunks == [b"\x01\x02"])
+            second.write(frame)
+            await eventually(lambda: listener.stats["replaced"] == 1)
+            assert taker.losses == ["the connection was replaced"]
+        finally:
+            first.close()
+            second.close()
