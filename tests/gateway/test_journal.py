@@ -330,3 +330,47 @@ async def test_writer_survives_a_full_disk(journal, caplog):
     await journal.append(series(500, meter=2))  # the next append retries and succeeds
     assert len(await journal.query("000000000002", limit=10**4)) == 500
     assert journal.alive and journal.last_error is None
+
+
+# ---- one commit group settles every request it holds (added with the batched settle) ----
+
+def _note(conn: sqlite3.Connection, text: str) -> int:
+    conn.execute("CREATE TABLE IF NOT EXISTS notes (text TEXT)")
+    conn.execute("INSERT INTO notes VALUES (?)", (text,))
+    return int(conn.execute("SELECT count(*) FROM notes").fetchone()[0])
+
+
+def _broken(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS notes (text TEXT)")
+    conn.execute("INSERT INTO notes VALUES ('never')")
+    raise ValueError("refused by the caller's own rule")
+
+
+async def test_a_group_settles_appends_results_and_a_failed_call_each_on_its_own(tmp_path):
+    async with Journal(tmp_path / "j.sqlite", JournalConfig(commit_interval=0.2)) as j:
+        await j.append([reading(99)])  # the next requests meet a commit window: one group
+        results = await asyncio.gather(j.append(series(5, meter=1)), j.write(_note, "a"), j.write(_broken),
+                                       j.append(series(5, meter=2)), j.write(_note, "b"), return_exceptions=True)
+        assert results[0] is None and results[3] is None
+        assert sorted(results[i] for i in (1, 4)) == [1, 2]
+        assert isinstance(results[2], ValueError) and "caller's own rule" in str(results[2])
+        assert j.stats["batches"] == 2
+        notes = await j.read(lambda conn: [t for (t,) in conn.execute("SELECT text FROM notes ORDER BY rowid")])
+        assert notes == ["a", "b"]  # the failed call's insert was rolled back, the others kept
+        assert len(await j.query(limit=100)) == 11
+
+
+async def test_requests_from_two_event_loops_are_each_settled_on_their_own_loop(tmp_path):
+    async with Journal(tmp_path / "j.sqlite", JournalConfig(commit_interval=0.05)) as j:
+
+        def other_loop() -> list[None]:
+            async def appends() -> list[None]:  # these futures belong to this thread's loop
+                return await asyncio.gather(*(j.append(series(3, meter=1000 + n)) for n in range(20)))
+
+            return asyncio.run(asyncio.wait_for(appends(), 30))  # a hang guard, not a timing assertion
+
+        theirs, ours = await asyncio.gather(asyncio.to_thread(other_loop),
+                                            asyncio.gather(*(j.append(series(3, meter=m)) for m in range(20))))
+        assert theirs == ours == [None] * 20
+        assert j.stats["appended"] == 120
+        assert len(await j.meters()) == 40
