@@ -1,11 +1,12 @@
 """What every sink shares: the journal cursor loop, batching, retries and error classification.
 
-A sink forwards readings (and round statistics) from the journal with its own cursor, at
-least once: the cursor moves only after the server said yes to every unit of the batch (or
-the unit was rejected for good and counted as dropped). Errors are classified like
-Telegraf's InfluxDB output: retry with capped exponential backoff and jitter (connection
-errors, 5xx, 408, 429, 404; Retry-After honoured), split on 413, isolate and drop on any
-other 4xx, and on 401/403 keep everything and retry slowly ("unauthorized").
+A sink forwards readings, round statistics and control audit events (sinks/control.py) from
+the journal with its own cursor per stream, at least once: the cursor moves only after the
+server said yes to every unit of the batch (or the unit was rejected for good and counted as
+dropped). Errors are classified like Telegraf's InfluxDB output: retry with capped exponential
+backoff and jitter (connection errors, 5xx, 408, 429, 404; Retry-After honoured), split on
+413, isolate and drop on any other 4xx, and on 401/403 keep everything and retry slowly
+("unauthorized").
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import logging
 import random
 import time
 from collections import deque
-from typing import Generic, Literal, Protocol, TypedDict, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.model import Reading, RoundStats
+from gateway.sinks.control import ControlEvents, events_of, public_event
 
 log = logging.getLogger(__name__)
 BACKLOG_EVERY = 2.0  # s between backlog counts while a sink is catching up
@@ -112,7 +114,8 @@ class SinkCounters(TypedDict):
     dropped_lines: int
     last_error: str
     state: State
-    backlog: int  # journal entries this sink has not forwarded yet
+    backlog: int  # readings this sink has not forwarded yet
+    control_backlog: int  # control audit events this sink has not forwarded yet
     last_success: float | None  # wall-clock time of the last accepted send
 
 
@@ -125,11 +128,12 @@ class Sink(abc.ABC, Generic[Unit]):
         self.cursor = f"sink:{settings.name}"
         self.counters: SinkCounters = {
             "sent_lines": 0, "sent_batches": 0, "retries": 0, "dropped_lines": 0, "last_error": "",
-            "state": "stopped", "backlog": 0, "last_success": None,
+            "state": "stopped", "backlog": 0, "control_backlog": 0, "last_success": None,
         }
         self._failures = 0  # consecutive failed attempts, drives the backoff
         self._wakeup = asyncio.Event()  # a subclass sets it when resending may now work
         self._journal: Journal | None = None  # while run() forwards from it: keeps `backlog` fresh during retries
+        self._control: ControlEvents | None = None  # the journal's control stream, when it has one
         self._counted = 0.0  # monotonic time of the last backlog count
 
     # --- what a sink kind provides -----------------------------------------------------------
@@ -138,6 +142,11 @@ class Sink(abc.ABC, Generic[Unit]):
 
     @abc.abstractmethod
     def encode_rounds(self, rounds: list[RoundStats]) -> list[Unit]: ...
+
+    @abc.abstractmethod
+    def encode_events(self, events: list[dict[str, Any]]) -> list[Unit]:
+        """Control audit events (gateway/sinks/control.py) -> one unit per event; leave out (and log)
+        an event that cannot be encoded."""
 
     @abc.abstractmethod
     async def send(self, units: list[Unit]) -> None:
@@ -160,13 +169,16 @@ class Sink(abc.ABC, Generic[Unit]):
         """Forward until `stop` is set; returns after closing the sink's clients."""
         self.counters["state"] = "ok"
         self._journal = journal
+        self._control = events_of(journal)
         try:
             await self.open()
             while not stop.is_set():
                 more = await self._forward(journal, stop, rounds=True)
+                more = await self._forward_control(stop) or more  # few, and people wait for them
                 more = await self._forward(journal, stop, rounds=False) or more
                 if not more:
                     self.counters["backlog"] = await journal.backlog(self.cursor)
+                    await self._count_control()
                     await self.pause(stop, self.settings.flush_interval)
         finally:
             self.counters["state"] = "stopped"
@@ -197,6 +209,41 @@ class Sink(abc.ABC, Generic[Unit]):
                 self._counted = now
                 self.counters["backlog"] = await journal.backlog(self.cursor)
         return len(entries) >= limit
+
+    async def _forward_control(self, stop: asyncio.Event) -> bool:
+        """Send one batch of control events; True when it was full. A failure to read them is logged
+        and retried on the next pass: it never holds up readings."""
+        if self._control is None:
+            return False
+        limit = self.settings.batch_lines
+        try:
+            events = await self._control.read(self.cursor, limit)
+        except Exception as exc:  # a broken control table must not stop the readings
+            self._control_trouble(exc)
+            return False
+        if not events:
+            return False
+        units = self.encode_events([public_event(seq, event) for seq, event in events])
+        self.counters["dropped_lines"] += len(events) - len(units)  # one unit per event; encode_events logged why
+        if not await self.deliver(units, stop):
+            return False
+        await self._control.advance(self.cursor, max(seq for seq, _ in events))
+        if len(events) < limit:
+            self.counters["control_backlog"] = 0
+        return len(events) >= limit
+
+    async def _count_control(self) -> None:
+        if self._control is not None:
+            try:
+                self.counters["control_backlog"] = await self._control.backlog(self.cursor)
+            except Exception as exc:  # counted and logged; the next pass tries again
+                self._control_trouble(exc)
+
+    def _control_trouble(self, exc: Exception) -> None:
+        text = f"control events: {type(exc).__name__}: {exc}"
+        level = logging.DEBUG if self.counters["last_error"] == text else logging.WARNING
+        log.log(level, "sink %s: cannot read %s", self.name, text)
+        self.counters["last_error"] = text
 
     async def deliver(self, units: list[Unit], stop: asyncio.Event) -> bool:
         """Send `units`, splitting and dropping as classified; False if stopped before the end."""

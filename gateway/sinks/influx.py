@@ -14,7 +14,7 @@ import base64
 import gzip
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
@@ -25,6 +25,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway.model import Reading, RoundStats
 from gateway.sinks.base import Sink, SinkSettings, WriteFailure, parse_retry_after
+from gateway.sinks.control import control_line, encode_each
 from gateway.sinks.lineproto import reading_lines, round_lines
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,11 @@ class InfluxSinkConfig(SinkSettings):
 class InfluxSink(Sink[str]):
     """Readings -> line protocol -> InfluxDB (or VictoriaMetrics)."""
 
-    def __init__(self, config: InfluxSinkConfig) -> None:
+    def __init__(self, config: InfluxSinkConfig, station: str = "") -> None:
+        """`station`: the daemon's, the `station` tag of control events."""
         super().__init__(config)
         self.config = config
+        self.station = station
         self._session: aiohttp.ClientSession | None = None
         self._client: InfluxDBClientAsync | None = None
         self._write_api: WriteApiAsync | None = None
@@ -99,6 +102,9 @@ class InfluxSink(Sink[str]):
 
     def encode_rounds(self, rounds: list[RoundStats]) -> list[str]:
         return round_lines(rounds)
+
+    def encode_events(self, events: list[dict[str, Any]]) -> list[str]:
+        return encode_each(events, lambda event: control_line(event, self.station), self.name)
 
     async def open(self) -> None:
         if self.config.api == "v1":

@@ -4,6 +4,8 @@ Topics (`P` = topic_prefix, `S` = station):
 - `P/S/meters/<address>/readings`: one message per meter per batch, a JSON list of
   `{"quantity", "value", "unit", "time" (ISO 8601, UTC), "frozen", "quality"}`;
 - `P/S/collection`: one message per round (`round_payload`);
+- `P/S/commands/<id>` (retained): every state change of a control command, its JSON as the API
+  shows it plus `time` and `seq` (sinks/control.py); the topic holds the command's latest state;
 - `P/S/status` (retained): `{"state": "online", ...}` on every connect; the last will
   (retained) and a clean stop say `{"state": "offline", ...}`.
 
@@ -31,6 +33,7 @@ from pydantic import Field, field_validator
 
 from gateway.model import Reading, RoundStats
 from gateway.sinks.base import Sink, SinkSettings, WriteFailure, backoff
+from gateway.sinks.control import BadEvent, encode_each
 from gateway.sinks.lineproto import round_fields
 
 log = logging.getLogger(__name__)
@@ -144,6 +147,17 @@ class MqttSink(Sink[Message]):
     def encode_rounds(self, rounds: list[RoundStats]) -> list[Message]:
         return [Message(self.topic("collection"), json.dumps(round_payload(s), ensure_ascii=False).encode())
                 for s in rounds]
+
+    def encode_events(self, events: list[dict[str, Any]]) -> list[Message]:
+        return encode_each(events, self._event_message, self.name)
+
+    def _event_message(self, event: dict[str, Any]) -> Message:
+        """Retained: a late subscriber to `.../commands/<id>` sees the command's latest state."""
+        command_id = event.get("id")
+        if not isinstance(command_id, str) or not command_id:
+            raise BadEvent(f"event {event.get('seq')} has no command id")
+        return Message(self.topic("commands", _topic_level(command_id)),
+                       json.dumps(event, ensure_ascii=False, allow_nan=False).encode(), retain=True)
 
     def describe(self, unit: Message) -> str:
         return f"{unit.topic} {unit.payload[:200]!r}"
