@@ -16,7 +16,7 @@ from typing import Any
 
 import pydantic
 
-from gateway.model import Quality, Reading, RoundStats, Value
+from gateway.model import Quality, Reading, RoundStats
 
 SCHEMA_VERSION = 1
 READINGS, ROUNDS = "readings", "rounds"  # the two streams a sink cursor can follow
@@ -116,17 +116,27 @@ def prepare(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute("COMMIT")
 
 
+def _int_column(v: int) -> tuple[Any, str]:
+    return (v if -INT64 <= v < INT64 else str(v)), "int"  # beyond SQLite's 64-bit integers: kept as digits
+
+
+# value type -> (column value, vtype); exact types only: a subclass (an IntEnum) takes the slow path
+_TO_COLUMN: dict[type, Any] = {
+    float: lambda v: (v, "float"), str: lambda v: (v, "str"), int: _int_column,
+    bool: lambda v: (int(v), "bool"), type(None): lambda v: (None, "none"),
+}
+
+
 def to_row(r: Reading) -> Row:
     """Reading -> the 12 columns; raises BadReading for a value SQLite cannot keep exactly."""
     v: Any = r.value
-    if v is None:
-        vtype = "none"
+    convert = _TO_COLUMN.get(type(v))
+    if convert is not None:
+        v, vtype = convert(v)
     elif isinstance(v, bool):
         vtype, v = "bool", int(v)
     elif isinstance(v, int):
-        vtype = "int"
-        if not -INT64 <= v < INT64:
-            v = str(v)  # beyond SQLite's 64-bit integers: kept as digits
+        v, vtype = _int_column(v)
     elif isinstance(v, float):
         vtype = "float"
     elif isinstance(v, str):
@@ -134,35 +144,26 @@ def to_row(r: Reading) -> Row:
     else:
         raise BadReading(f"reading {r.meter}/{r.quantity}: value {v!r} has type {type(v).__name__}, "
                          "not float/int/str/bool/None")
+    quality = r.quality
     return (r.meter, r.quantity, v, vtype, r.unit, r.time, r.collected, r.station, r.link, r.plan,
-            int(r.frozen), str(r.quality.value if isinstance(r.quality, Quality) else r.quality))
+            int(r.frozen), quality.value if isinstance(quality, Quality) else str(quality))
 
 
-def _value(raw: Any, vtype: str) -> Value:
-    if vtype == "float":
-        return math.nan if raw is None else float(raw)  # SQLite stores NaN as NULL
-    if vtype == "int":
-        return int(raw)
-    if vtype == "bool":
-        return bool(raw)
-    if vtype == "str":
-        return str(raw)
-    return None
-
-
-def _quality(text: str) -> Quality:
-    try:
-        return Quality(text)
-    except ValueError:
-        return Quality.INVALID
+# vtype -> the value's Python type again (SQLite stores NaN as NULL)
+_FROM_COLUMN: dict[str, Any] = {
+    "float": lambda raw: math.nan if raw is None else float(raw), "int": int, "bool": bool, "str": str,
+}
+_QUALITIES: dict[str, Quality] = {q.value: q for q in Quality}
 
 
 def from_row(row: Row) -> Reading:
-    """The 12 columns (in COLUMNS order) -> Reading with the value's original Python type."""
+    """The 12 columns (in COLUMNS order) -> Reading with the value's original Python type.
+
+    An unknown vtype reads as None and an unknown quality as invalid (a newer meterd's file)."""
     meter, quantity, raw, vtype, unit, time, collected, station, link, plan, frozen, quality = row
-    return Reading(meter=meter, quantity=quantity, value=_value(raw, vtype), unit=unit, time=time,
-                   collected=collected, station=station, link=link, plan=plan, frozen=bool(frozen),
-                   quality=_quality(quality))
+    convert = _FROM_COLUMN.get(vtype)
+    return Reading(meter, quantity, None if convert is None else convert(raw), unit, time, collected, station, link,
+                   plan, bool(frozen), _QUALITIES.get(quality, Quality.INVALID))
 
 
 def stats_json(stats: RoundStats) -> str:

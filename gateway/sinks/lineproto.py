@@ -29,7 +29,8 @@ import datetime as dt
 import functools
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from gateway.model import Quality, Reading, Reason, RoundStats
 
@@ -88,19 +89,35 @@ def quote_string(text: str) -> str:
     return '"' + text.translate(_STRING_ESCAPES) + '"'
 
 
+def _float_text(value: float) -> str | None:
+    if not math.isfinite(value):
+        return None
+    text = repr(value)
+    return text if "." in text else text.replace("e", ".0e")
+
+
+def _int_text(value: int) -> str | None:
+    return f"{value}i" if _INT64[0] <= value <= _INT64[1] else None
+
+
+# exact value type -> its line-protocol text (None: not writable); one dict lookup instead of an isinstance chain
+_FIELD_TEXT: dict[type, Callable[[Any], str | None]] = {
+    float: _float_text, int: _int_text, bool: lambda v: "true" if v else "false", str: quote_string,
+    type(None): lambda v: None,
+}
+
+
 def field_value(value: object) -> str | None:
     """One field value in line protocol, or None when it cannot be written."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
+    text = _FIELD_TEXT.get(type(value))
+    if text is not None:
+        return text(value)
+    if isinstance(value, bool):  # subclasses (an IntEnum, a str subclass) keep their base type's form
         return "true" if value else "false"
     if isinstance(value, int):
-        return f"{value}i" if _INT64[0] <= value <= _INT64[1] else None
+        return _int_text(value)
     if isinstance(value, float):
-        if not math.isfinite(value):
-            return None
-        text = repr(value)
-        return text if "." in text else text.replace("e", ".0e")
+        return _float_text(value)
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return quote_string(value.isoformat())
     return quote_string(str(value))
@@ -111,34 +128,45 @@ def tag_set(tags: Iterable[tuple[str, str]]) -> str:
     return "".join(f",{escape_key(k)}={escape_key(v)}" for k, v in sorted(tags) if v)
 
 
-def _field(reading: Reading) -> tuple[str, str] | None:
-    if reading.quality is not Quality.GOOD:
-        return escape_key(reading.quantity + QUALITY_SUFFIX), quote_string(str(reading.quality))
-    value = field_value(reading.value)
-    return None if value is None else (escape_key(reading.quantity), value)
+@functools.lru_cache(maxsize=8192)
+def _keys(quantity: str) -> tuple[str, str, str]:
+    """A quantity's escaped measurement, its field key and the key of its quality field."""
+    return escape_measurement(measurement_of(quantity)), escape_key(quantity), escape_key(quantity + QUALITY_SUFFIX)
+
+
+@functools.lru_cache(maxsize=65536)
+def _head(measurement: str, meter: str, station: str, link: str, frozen: bool) -> str:
+    """`measurement,tags` of one series, escaped once per series rather than once per reading."""
+    return measurement + tag_set([("meter", meter), ("station", station), ("link", link),
+                                  ("frozen", "true" if frozen else "")])
 
 
 def _lines(points: dict[tuple[str, int], dict[str, str]]) -> list[str]:
-    return [f"{head} {','.join(f'{k}={v}' for k, v in fields.items())} {ts}"
-            for (head, ts), fields in points.items()]
+    """Each point's fields are held as `key=value` texts."""
+    return [f"{head} {','.join(fields.values())} {ts}" for (head, ts), fields in points.items()]
 
 
 def reading_lines(readings: Iterable[Reading]) -> list[str]:
     """Readings -> lines, one per (measurement, tags, second), in first-seen order."""
     points: dict[tuple[str, int], dict[str, str]] = {}
-    heads: dict[tuple[str, str, str, str, bool], str] = {}
+    good, texts, floor = Quality.GOOD, _FIELD_TEXT, math.floor
     for reading in readings:
-        field = _field(reading)
-        if field is None:
-            continue
-        measurement = measurement_of(reading.quantity)
-        series = (measurement, reading.meter, reading.station, reading.link, reading.frozen)
-        head = heads.get(series)
-        if head is None:
-            tags = [("meter", reading.meter), ("station", reading.station), ("link", reading.link),
-                    ("frozen", "true" if reading.frozen else "")]
-            head = heads[series] = escape_measurement(measurement) + tag_set(tags)
-        points.setdefault((head, math.floor(reading.time)), {})[field[0]] = field[1]
+        measurement, key, quality_key = _keys(reading.quantity)
+        if reading.quality is good:
+            value = reading.value
+            text = texts.get(type(value))
+            value_text = text(value) if text is not None else field_value(value)
+            if value_text is None:
+                continue
+        else:
+            key, value_text = quality_key, quote_string(str(reading.quality))
+        point = (_head(measurement, reading.meter, reading.station, reading.link, reading.frozen),
+                 floor(reading.time))
+        fields = points.get(point)
+        if fields is None:
+            points[point] = {key: f"{key}={value_text}"}
+        else:
+            fields[key] = f"{key}={value_text}"  # a later field of the same name wins, in its first place
     return _lines(points)
 
 
@@ -168,5 +196,5 @@ def round_lines(rounds: Iterable[RoundStats]) -> list[str]:
         for key, value in round_fields(stats).items():
             text = field_value(value)
             if text is not None:
-                fields[escape_key(key)] = text
+                fields[escape_key(key)] = f"{escape_key(key)}={text}"
     return _lines(points)
