@@ -8,7 +8,7 @@ terminal states; `reason` says why for `failed`, `expired` and `superseded`.
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from protocols.dlt645 import Action as WireAction
@@ -116,6 +116,14 @@ class Command:
         data["state"] = str(self.state)
         data["terminal"] = self.state.terminal
         return data
+
+    @classmethod
+    def from_public(cls, data: dict[str, Any]) -> Command:
+        """The inverse of `public()` (the store keeps that snapshot); unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["action"], values["state"] = Action(data["action"]), State(data["state"])
+        return cls(**values)
 
 
 class ControlError(Exception):
