@@ -115,11 +115,11 @@ class Prepaid:
     # ---- operations (API, MQTT, CSV) ----
 
     async def upsert_account(self, address: str, settings: ledger.Settings) -> dict[str, Any]:
-        meter = self._known(address)
+        meter = self.check_meter(address)
         return await self._do("settings", meter, ledger.upsert, meter, settings, self.rules, self.clock())
 
     async def pay(self, address: str, amount: object, payment_id: str, source: str = "api") -> dict[str, Any]:
-        meter = self._known(address)
+        meter = self.check_meter(address)
         fen = parse_money(amount, "amount", positive=True)
         if not payment_id or len(payment_id) > 200:
             raise PrepaidError("payment_id is required (1-200 characters): it makes a repeated payment count once")
@@ -128,7 +128,7 @@ class Prepaid:
 
     async def set_balance(self, address: str, balance: object, update_id: str, as_of: float | None = None,
                           source: str = "api") -> dict[str, Any]:
-        meter = self._known(address)
+        meter = self.check_meter(address)
         fen = parse_money(balance, "balance")
         if not update_id or len(update_id) > 200:
             raise PrepaidError("update_id is required (1-200 characters): it makes a repeated update count once")
@@ -168,7 +168,8 @@ class Prepaid:
             raise PrepaidError(f"bad address {address!r}: an account is for one meter (no wildcards)")
         return meter
 
-    def _known(self, address: str) -> str:
+    def check_meter(self, address: str) -> str:
+        """The normalized address of a meter that has an account or is in the archive; PrepaidError if not."""
         meter = self._address(address)
         if meter not in self._accounts and self.meters(meter) is None:
             raise UnknownMeter(f"unknown meter {meter}: not in this station's meter archive")

@@ -3,96 +3,14 @@ a payment restores at once, a restart issues nothing twice, refusals and expiry 
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
 
-from gateway.archive import MeterConfig
-from gateway.control.model import Action, Command, ControlError, State, UnknownMeter
-from gateway.journal import Journal, JournalConfig
-from gateway.model import Quality, Reading
-from gateway.prepaid import Prepaid, PrepaidConfig, PrepaidError, Settings
-from gateway.prepaid.config import TOTAL
-
-M = "000000000001"
-CONFIG = PrepaidConfig(enabled=True, alarm_threshold=20, valid_for=600)
-
-
-class FakeControl:
-    """Records submissions; the same request_id returns the same command, like the real engine."""
-
-    def __init__(self) -> None:
-        self.commands: dict[str, Command] = {}
-        self.calls: list[tuple[str, str, str]] = []
-        self.error: Exception | None = None
-        self.subscribers: list[asyncio.Queue[Command]] = []
-
-    async def submit(self, meter, action, *, request_id=None, valid_for=None, reason="", actor="", source="api"):
-        self.calls.append((meter, str(action), request_id))
-        if self.error is not None:
-            raise self.error
-        if request_id in self.commands:
-            return self.commands[request_id]
-        now = time.time()
-        command = Command(id=f"c{len(self.commands) + 1}", request_id=request_id, meter=meter, action=Action(action),
-                          state=State.PENDING, created=now, deadline=now + valid_for, actor=actor, reason=reason,
-                          source=source)
-        self.commands[request_id] = command
-        return command
-
-    async def get(self, command_id):
-        return next(c for c in self.commands.values() if c.id == command_id)
-
-    async def changes(self):
-        queue: asyncio.Queue[Command] = asyncio.Queue()
-        self.subscribers.append(queue)
-        while True:
-            yield await queue.get()
-
-    def move(self, request_id, state, fail_reason=""):
-        command = self.commands[request_id]
-        command.state, command.fail_reason = state, fail_reason
-        for q in self.subscribers:
-            q.put_nowait(command)
-
-    def issued(self):
-        return [(m, a) for (m, a, _) in self.calls]
-
-
-def meters(address):
-    return MeterConfig(address=address, link="bus1") if address in {M, "000000000002"} else None
-
-
-def energy(kwh, t, meter=M, quantity=TOTAL, quality=Quality.GOOD):
-    return Reading(meter, quantity, kwh, "kWh", t, t, quality=quality)
-
-
-async def eventually(check, timeout=10.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
-        await asyncio.sleep(0.01)
-
-
-class Daemon:
-    """The policy as the daemon runs it: start(), run(stop) in a task, observe() with readings."""
-
-    def __init__(self, path, control, clock=time.time):
-        self.path, self.control, self.clock = path, control, clock
-
-    async def __aenter__(self):
-        self.journal = await Journal(self.path, JournalConfig(commit_interval=0.0)).__aenter__()
-        self.prepaid = Prepaid(CONFIG, self.journal, self.control, station="st-01", meters=meters, clock=self.clock)
-        await self.prepaid.start()
-        self.stop = asyncio.Event()
-        self.task = asyncio.create_task(self.prepaid.run(self.stop))
-        return self.prepaid
-
-    async def __aexit__(self, *exc):
-        self.stop.set()
-        await self.task
-        await self.journal.__aexit__(None, None, None)
+from gateway.control.model import ControlError, State, UnknownMeter
+from gateway.model import Quality
+from gateway.prepaid import PrepaidError, Settings
+from tests.gateway.prepaid.helpers import Daemon, FakeControl, M, energy, eventually
 
 
 async def test_readings_drain_the_balance_to_alarm_then_trip_and_a_payment_restores_at_once(tmp_path):
