@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import copy
 import logging
 import time
 import uuid
@@ -147,7 +148,7 @@ class Control:
                 self._waiting.pop(command.meter, None)
             lane.add(command)
             self._wake(lane)
-        return command
+        return copy.deepcopy(command)  # a snapshot: the lane goes on changing its own
 
     def _guard(self, command: Command, now: float) -> None:
         """Guards decided at submission: the command starts as failed or dry_run, or stays pending."""
@@ -170,7 +171,7 @@ class Control:
     async def get(self, command_id: str) -> Command:
         live = self.ledger.open.get(command_id)
         if live is not None:
-            return Command.from_public(live.public())
+            return copy.deepcopy(live)
         found = await self.journal.read(store.get, command_id)
         if found is None:
             raise NotFound(f"no command {command_id!r}")

@@ -27,23 +27,24 @@ TZ = ZoneInfo("Asia/Shanghai")
 TIMING = Timing(first_byte=0.3, inter_byte=0.05, gap=0.0, retries=1, preamble=0)
 FAST = {"verify_poll_first": 0.05, "verify_poll_max": 0.2, "verify_timeout": 3.0, "retry_every": 0.2,
         "trip_retry_every": 0.2, "quiet_hours": None}
-ADDRESSES = [f"{i:012d}" for i in range(1, 5)]
 WAIT = 20.0  # s: a guard against a hung test, never a performance claim
 
 
 class Rig:
     """One station: four meters on one TCP line; `control` is rebuilt by `restart()`."""
 
-    def __init__(self, tmp: Path, port: int, *, clock: Callable[[], float] = time.time, **config: Any) -> None:
+    def __init__(self, tmp: Path, port: int, *, clock: Callable[[], float] = time.time, count: int = 4,
+                 **config: Any) -> None:
         self.tmp = tmp
         self.port = port
         self.clock = clock
         self.config = ControlConfig(**{**FAST, **config})
         now = time.time()
-        self.meters = {a: Meter(a, epoch=now - 70 * 86400, now=now) for a in ADDRESSES}
+        addresses = [f"{i:012d}" for i in range(1, count + 1)]
+        self.meters = {a: Meter(a, epoch=now - 70 * 86400, now=now) for a in addresses}
         self.line = Line("line", self.meters.values(), Wire(baud=9600, delay_min=0.002, delay_max=0.002),
                          faults=FaultPlan())
-        self.archive = {a: MeterConfig(address=a, link="line1") for a in ADDRESSES}
+        self.archive = {a: MeterConfig(address=a, link="line1") for a in addresses}
         self.exposure: TcpExposure | None = None
         self.link = TcpLink("line1", "127.0.0.1", port, reconnect_min=0.05, reconnect_max=0.1)
         self.bus = Bus(self.link, TIMING)
@@ -94,9 +95,19 @@ class Rig:
             self.control_task = None
 
     async def restart(self) -> None:
-        """A new Control (a new process, as far as control knows) on the same journal."""
+        """A new Control and a reopened journal file: all that survives is what was committed."""
         await self.stop_control()
+        await self.journal.close()
+        self.journal = Journal(self.tmp / "journal.sqlite")
+        await self.journal.open()
         await self.start_control()
+
+    async def until(self, check: Callable[[], bool], what: str) -> None:
+        end = time.monotonic() + WAIT
+        while not check():
+            if time.monotonic() > end:
+                raise AssertionError(f"never happened: {what}")
+            await asyncio.sleep(0.01)
 
     async def wait(self, command: Command | str, until: Callable[[Command], bool] | None = None) -> Command:
         """Poll the command until `until` (default: terminal) holds; fail after WAIT seconds."""
