@@ -5,13 +5,18 @@ replies into `Reading`s. It is the only part that knows the protocol, so
 the bus, plans, journal and statistics work the same for a meter behind a
 concentrator or a Modbus meter (later readers with the same `read`).
 Frozen data is stamped with its freeze time, read from the meter, not with
-the time it was collected.
+the time it was collected. Single items of one block are read with one block
+read when that saves bus time (`protocols.dlt645.blocks`); a meter that
+answers a block with an error, or with fewer members than asked for, gets
+single reads instead (remembered per meter and block), so the readings are
+the same as single reads would give.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 from zoneinfo import ZoneInfo
@@ -20,6 +25,9 @@ from gateway.archive import MeterConfig
 from gateway.bus import BadFrame, Bus, BusError, Priority, Timing
 from gateway.model import Outcome, Quality, Reading, Reason, Value
 from protocols.dlt645 import DataItem, DecodeError, Error2007, ReadSequence, Reply, decode, error_names, find
+from protocols.dlt645.blocks import Read, fields_of, missing, plan_reads
+
+PLAN_CACHE = 4096  # (items, edition, tariffs, refused blocks) -> reads; the same few plans for every meter
 
 
 class Reader(Protocol):
@@ -35,18 +43,25 @@ def freeze_time_di(item: DataItem) -> int | None:
 
 
 class Dlt645Reader:
-    def __init__(self, station: str, tz: ZoneInfo, timing_for: Callable[[MeterConfig], Timing]) -> None:
+    def __init__(self, station: str, tz: ZoneInfo, timing_for: Callable[[MeterConfig], Timing], *,
+                 merge_blocks: bool = True) -> None:
         self.station = station
         self.tz = tz
         self.timing_for = timing_for
+        self.merge_blocks = merge_blocks
+        self.no_blocks: dict[str, set[int]] = {}  # meter -> block DIs it answered with an error
+        self._plans: dict[tuple[tuple[str, ...], int, int, frozenset[int]], list[Read]] = {}
+        self.stats: Counter[str] = Counter()  # block_reads (merged), block_fallbacks
 
     async def read(self, bus: Bus, meter: MeterConfig, items: Sequence[str], *, plan: str,
                    priority: Priority = Priority.ROUTINE) -> Outcome:
         started = time.time()
         outcome = Outcome(meter.address, ok=True)
         stamps: dict[int, float] = {}
-        for name in items:
-            item = find(name, meter.edition)
+        reads = deque(self.plan(meter, items))
+        while reads:
+            step = reads.popleft()
+            item = step.item
             try:
                 stamp: float | None = None
                 time_di = freeze_time_di(item)
@@ -58,15 +73,43 @@ class Dlt645Reader:
             except BusError as exc:  # the meter or the line failed: the rest would fail the same way
                 outcome.ok, outcome.reason, outcome.detail = False, Reason(exc.reason), str(exc)
                 break
+            if step.merged:
+                left = step.serves if reply.error is not None or not reply.complete else \
+                    missing(step, reply.values, meter.edition)
+                if left:  # not (all) answered as a block: those items alone
+                    self.stats["block_fallbacks"] += 1
+                    if reply.error is not None or not reply.complete:  # and from now on
+                        self.no_blocks.setdefault(meter.address, set()).add(item.di)
+                    reads.extendleft(reversed([Read(find(name, meter.edition), (name,)) for name in left]))
+                if reply.error is None and reply.complete:
+                    self.stats["block_reads"] += 1
+                    wanted = {f for name in step.serves if name not in left for f in fields_of(name, meter.edition)}
+                    outcome.readings += self._readings(meter, meter.link, plan, reply, stamp, only=wanted)
+                continue
             if reply.error is not None:
                 no_data = reply.edition == 2007 and reply.error == Error2007.NO_DATA
                 outcome.ok = False
                 outcome.reason = Reason.NO_DATA if no_data else Reason.ABNORMAL_REPLY
-                outcome.detail = f"{name}: {','.join(error_names(reply.error))}"
+                outcome.detail = f"{step.serves[0]}: {','.join(error_names(reply.error))}"
                 continue
             outcome.readings += self._readings(meter, meter.link, plan, reply, stamp)  # configured link: bounded tag
         outcome.duration = time.time() - started
         return outcome
+
+    def plan(self, meter: MeterConfig, items: Sequence[str]) -> list[Read]:
+        """The reads for these items of this meter: merged into block reads where that saves bus time."""
+        avoid = frozenset(self.no_blocks.get(meter.address, ()))
+        key = (tuple(items), meter.edition, meter.tariffs, avoid)
+        reads = self._plans.get(key)
+        if reads is None:
+            if len(self._plans) >= PLAN_CACHE:
+                self._plans.clear()
+            if self.merge_blocks:
+                reads = plan_reads(items, meter.edition, tariffs=meter.tariffs, avoid=avoid)
+            else:
+                reads = [Read(find(name, meter.edition), (name,)) for name in items]
+            self._plans[key] = reads
+        return reads
 
     async def _exchange(self, bus: Bus, meter: MeterConfig, di: int, priority: Priority) -> Reply:
         sequence = ReadSequence(meter.address, di, meter.edition, tariffs=meter.tariffs)
@@ -90,11 +133,15 @@ class Dlt645Reader:
             raise BadFrame(f"{meter.address} gave no usable freeze time for {di:08X}")
         return values[0].value.replace(tzinfo=self.tz).timestamp()
 
-    def _readings(self, meter: MeterConfig, link: str, plan: str, reply: Reply, stamp: float | None) -> list[Reading]:
+    def _readings(self, meter: MeterConfig, link: str, plan: str, reply: Reply, stamp: float | None, *,
+                  only: set[str] | None = None) -> list[Reading]:
+        """The reply's quantities as readings (`only` these, for a block read standing in for singles)."""
         collected = time.time()
         out = []
         quality = Quality.GOOD if reply.complete else Quality.LENGTH_MISMATCH
         for name, q in reply.values.items():
+            if only is not None and name not in only:
+                continue
             if "_freeze_time_" in name:
                 if stamp is None and isinstance(q.value, dt.datetime):
                     stamp = q.value.replace(tzinfo=self.tz).timestamp()
