@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,6 +37,7 @@ class Control(Protocol):
     """What the interfaces use of gateway.control.service.Control."""
 
     counters: dict[str, int]
+    clock: Callable[[], float]  # the clock `Command.created` comes from
 
     async def submit(self, meter: str, action: str | Action, *, request_id: str | None = None,
                      valid_for: float | None = None, reason: str = "", actor: str = "",
@@ -127,7 +127,7 @@ def parse_request(body: object) -> CommandRequest:
 async def submit(control: Control, meter: str, ask: CommandRequest, *, actor: str,
                  source: str) -> tuple[Command, bool]:
     """Submit; True when it is a new command, False when the request_id returned an earlier one."""
-    asked_at = time.time()
+    asked_at = control.clock()
     command = await control.submit(meter, ask.action, request_id=ask.request_id, valid_for=ask.valid_for,
                                    reason=ask.reason, actor=actor, source=source)
     # The service returns the earlier command for a known request_id; one made now is not older than us.

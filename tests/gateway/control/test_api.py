@@ -35,6 +35,7 @@ class FakeControl:
         self.by_request: dict[str, str] = {}
         self.calls: list[dict[str, Any]] = []
         self.counters: dict[str, int] = {}
+        self.clock = time.time
         self._ids = itertools.count(1)
 
     async def submit(self, meter: str, action: str | Action, *, request_id: str | None = None,
