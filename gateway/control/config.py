@@ -48,7 +48,7 @@ class GroupAuth(BaseModel):
     The password may come from the secrets file instead of the main config.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)  # errors never echo a password
 
     level: int = Field(default=2, ge=0, le=99)
     password: SecretStr | None = None
@@ -74,7 +74,7 @@ class GroupAuth(BaseModel):
 class ControlConfig(BaseModel):
     """Remote control: validity, verification, retries, guards, dry run and password groups."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a group's password is an input
 
     dry_run: bool = False  # record and guard everything, send nothing
     default_valid_for: float = 3600.0  # s from submission to the command's deadline
