@@ -162,6 +162,13 @@ class PolicyAction:
             return True
         return self.status == "submitted" and self.result.split(" ")[0] not in FINISHED
 
+    @property
+    def failed(self) -> bool:
+        """Finished without getting through: refused, expired, or its command failed or expired."""
+        if self.status in ("rejected", "expired"):
+            return True
+        return self.status == "submitted" and self.result.split(" ")[0] in ("failed", "expired")
+
     def public(self) -> dict[str, Any]:
         return {"request_id": self.request_id, "action": self.action, "status": self.status,
                 "command_id": self.command_id, "result": self.result, "detail": self.detail,

@@ -26,10 +26,11 @@ class PrepaidConfig(BaseModel):
     trip_threshold: float = 0.0  # trip at or below this; negative = an overdraft limit
     restore_threshold: float = 0.0  # restore when a payment lifts the balance above this (exclusive)
     valid_for: float = Field(default=3600.0, gt=0)  # seconds a policy command stays valid
+    retry_after: float = Field(default=1800.0, gt=0)  # s before a trip/restore that failed is issued again
     energy_quantity: str = TOTAL  # the total register, for a flat price
     tariff_quantities: tuple[str, str, str, str] = TARIFFS  # tariff 1..4 registers, for per-tariff prices
 
-    @field_validator("valid_for", mode="before")
+    @field_validator("valid_for", "retry_after", mode="before")
     @classmethod
     def _duration(cls, value: object) -> object:
         return parse_duration(value) if isinstance(value, str) else value

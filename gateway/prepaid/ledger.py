@@ -13,7 +13,7 @@ import sqlite3
 from dataclasses import dataclass, field
 
 from gateway.prepaid import store
-from gateway.prepaid.account import Account, PolicyAction, Thresholds, estimate, evaluate, rebase
+from gateway.prepaid.account import Account, PolicyAction, Standing, Thresholds, estimate, evaluate, rebase
 from gateway.prepaid.config import PrepaidConfig, check_thresholds
 from gateway.prepaid.money import Conflict, UnknownAccount, format_money
 
@@ -32,12 +32,13 @@ class Rules:
     total: str
     tariffs: tuple[str, ...]
     act: bool = True  # False (prepaid disabled): balances are kept and estimated, no command is decided
+    retry_after: float = 1800.0  # s before a relay command that did not get through is decided again
 
     @classmethod
     def of(cls, config: PrepaidConfig) -> Rules:
         return cls(Thresholds(config.fen("alarm_threshold"), config.fen("trip_threshold"),
                               config.fen("restore_threshold")), config.restore, config.valid_for,
-                   config.energy_quantity, config.tariff_quantities, config.enabled)
+                   config.energy_quantity, config.tariff_quantities, config.enabled, config.retry_after)
 
 
 @dataclass(slots=True)
@@ -62,13 +63,16 @@ class Settings:
     restore: object = UNSET
 
 
-def settle(conn: sqlite3.Connection, a: Account, rules: Rules, now: float) -> Result:
-    """Run the state machine on the current estimate; persist the account and any new actions."""
+def settle(conn: sqlite3.Connection, a: Account, rules: Rules, now: float, *, reachable: bool = False) -> Result:
+    """Run the state machine on the current estimate; persist the account and any new actions.
+    `reachable`: a reading just came from the meter, so a relay command that failed may go again."""
     result = Result(a)
     est = estimate(a, rules.total, rules.tariffs)
     if est.balance is not None and rules.act:
         state, decided = evaluate(a.state, a.last_estimate, est.balance, a.thresholds(rules.defaults), rules.restore)
         a.last_estimate = est.balance
+        if not decided and reachable:
+            decided = again(conn, a, rules, now)
         if decided:
             a.state = state
             a.seq += 1
@@ -82,6 +86,20 @@ def settle(conn: sqlite3.Connection, a: Account, rules: Rules, now: float) -> Re
             store.trim_actions(conn, a.meter)
     store.put_account(conn, a, now)
     return result
+
+
+def again(conn: sqlite3.Connection, a: Account, rules: Rules, now: float) -> list[tuple[str, str]]:
+    """The relay command the account's state still calls for, when the last one did not get through
+    (refused in quiet hours, no reply, expired while the meter was offline) and `retry_after` has
+    passed. A meter on the hold list is not asked again; a superseded command is not a failure."""
+    last = store.last_action(conn, a.meter, tuple(k for k, g in GROUPS.items() if g == "relay"))
+    if last is None or not last.failed or "(hold)" in last.result or now - last.created < rules.retry_after:
+        return []
+    tripped = a.state is Standing.TRIPPED
+    if tripped != (last.action == "trip"):
+        return []  # the state moved on since: its own command was decided then
+    why = f"again: the last {last.action} ended {last.result or last.status}"
+    return [("trip" if tripped else rules.restore, why)]
 
 
 def upsert(conn: sqlite3.Connection, meter: str, s: Settings, rules: Rules, now: float) -> Result:
@@ -204,7 +222,7 @@ def registers(conn: sqlite3.Connection, batch: dict[str, Registers], rules: Rule
             a.latest[quantity] = (wh, t)
             if a.balance is not None and a.as_of is not None:
                 take_reference(a, {quantity: (wh, t)}, a.as_of)
-        result = settle(conn, a, rules, now)
+        result = settle(conn, a, rules, now, reachable=True)
         result.register_back = back
         results.append(result)
     return results

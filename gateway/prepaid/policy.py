@@ -315,8 +315,9 @@ class Prepaid:
         """Keep each action's result in step with its command (shown as the account's last action)."""
         delay = RETRY_MIN
         while True:
+            changes = self.control.changes()
             try:
-                async for command in self.control.changes():
+                async for command in changes:
                     action = self._by_request.get(command.request_id)
                     if action is not None:
                         action.command_id = command.id
@@ -325,7 +326,11 @@ class Prepaid:
                     delay = RETRY_MIN
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # resubscribe with backoff; the fates are refreshed meanwhile
+            except Exception as exc:  # resubscribe with backoff
                 log.error("prepaid: the control change stream failed, resubscribing in %gs: %s", delay, exc)
+            finally:
+                close = getattr(changes, "close", None)  # unsubscribe (gateway.control's Changes)
+                if callable(close):
+                    close()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)

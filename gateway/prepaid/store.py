@@ -165,3 +165,11 @@ def all_actions(conn: sqlite3.Connection) -> list[PolicyAction]:
     rows = conn.execute(f"SELECT {', '.join(ACTION_COLUMNS)} FROM prepaid_actions "  # noqa: S608
                         "ORDER BY meter, created, seq, rowid")
     return [_action(r) for r in rows]
+
+
+def last_action(conn: sqlite3.Connection, meter: str, actions: tuple[str, ...]) -> PolicyAction | None:
+    """The newest action of these kinds for a meter, superseded ones included."""
+    marks = ", ".join("?" * len(actions))
+    row = conn.execute(f"SELECT {', '.join(ACTION_COLUMNS)} FROM prepaid_actions WHERE meter = ? "  # noqa: S608
+                       f"AND action IN ({marks}) ORDER BY seq DESC, created DESC LIMIT 1", (meter, *actions)).fetchone()
+    return None if row is None else _action(row)

@@ -184,3 +184,31 @@ def test_payments_and_readings_through_the_journal_never_drift(tmp_path, price, 
 
 
 COUNT = itertools.count()
+
+
+async def fate(journal, request_id, status, result=""):
+    action = next(a for a in await journal.read(store.all_actions) if a.request_id == request_id)
+    action.status, action.result = status, result
+    await journal.write(ledger.record_action, action)
+
+
+async def test_a_relay_command_that_did_not_get_through_goes_again_when_the_meter_is_heard(journal):
+    await account(journal, price=1_000_000)
+    await update(journal, 0, 0.0, "u-1", {TOTAL: (0, 1.0)}, now=1000.0)  # alarm + trip (seq 1)
+    await fate(journal, f"prepaid:{M}:1:trip", "submitted", "failed (quiet_hours)")
+    r = (await registers(journal, now=1000.0 + RULES.retry_after - 1, **{TOTAL: (10, 2.0)}))[0]
+    assert r.actions == []  # not before retry_after
+    r = (await registers(journal, now=1000.0 + RULES.retry_after, **{TOTAL: (20, 3.0)}))[0]
+    assert [(a.request_id, a.reason) for a in r.actions] == [
+        (f"prepaid:{M}:2:trip", "again: the last trip ended failed (quiet_hours)")]
+    await fate(journal, f"prepaid:{M}:2:trip", "submitted", "failed (hold)")  # the hold list: never again
+    r = (await registers(journal, now=10_000.0, **{TOTAL: (30, 4.0)}))[0]
+    assert r.actions == [] and r.account.state is Standing.TRIPPED
+
+    r = await pay(journal, 5000, "p-1", now=10_001.0)  # restore (seq 3) ...
+    await fate(journal, f"prepaid:{M}:3:close", "submitted", "expired (the meter was offline)")  # ... never got there
+    r = (await registers(journal, now=20_000.0, **{TOTAL: (40, 5.0)}))[0]  # the meter answers again
+    assert [a.action for a in r.actions] == ["close"] and r.actions[0].seq == 4
+    await fate(journal, f"prepaid:{M}:4:close", "submitted", "verified")
+    r = (await registers(journal, now=30_000.0, **{TOTAL: (50, 6.0)}))[0]
+    assert r.actions == []
