@@ -31,12 +31,8 @@ from gateway.control.guards import QuietHours, TripRate
 from gateway.control.ledger import Ledger
 from gateway.control.model import Action, Command, FailReason, State
 from gateway.control.secrets import Passwords
-from gateway.control.store import WAITING
+from gateway.control.wire import BECAUSE, describe, received, verified_detail
 from protocols.dlt645 import Error2007, PlaintextBuilder, RelayStatus, error_names
-
-BECAUSE = {"link_down": "the link was down", "no_reply": "the meter did not answer",
-           "bad_frame": "the meter's answers were garbled", "quiet_hours": "quiet hours",
-           "rate_limited": "the station's trip rate limit", "never_reached": "it was never reached"}
 
 
 @dataclass
@@ -73,30 +69,6 @@ class Lane:
 def _held(lane: Lane, locked: bool) -> AbstractAsyncContextManager[object]:
     """The lane's lock, unless the caller already holds it."""
     return contextlib.nullcontext() if locked else lane.lock
-
-
-def received(action: Action, status: RelayStatus) -> bool:
-    """Does status word 3 show that an earlier 1C of `action` reached the meter?"""
-    if action is Action.TRIP:
-        return status.relay_open or status.trip_commanded
-    return status.satisfies(action.wire)
-
-
-def verified_detail(action: Action, status: RelayStatus) -> str:
-    if action is Action.ALLOW_CLOSE:
-        return WAITING if status.relay_open else "closed"
-    if action is Action.TRIP:
-        return "relay open"
-    if action is Action.CLOSE:
-        return "relay closed"
-    return f"status word 3 shows {action}"
-
-
-def describe(status: RelayStatus | None) -> str:
-    if status is None:
-        return "status word 3 could not be read"
-    shown = [name for name, on in status._asdict().items() if on]
-    return "status word 3 shows " + (", ".join(shown) if shown else "relay closed, no command, no alarm")
 
 
 class Engine:

@@ -21,7 +21,8 @@ from gateway.journal import Journal
 
 log = logging.getLogger("gateway.control")
 QUEUE_SIZE = 1000  # changes buffered per subscriber before they are dropped (and counted)
-COUNTERS = ("submitted", "duplicates", "superseded", "expired", "failed", "acknowledged", "verified", "dry_run",
+COUNTERS = ("submitted", "duplicates", "rejected", "superseded", "expired", "failed", "acknowledged", "verified",
+            "dry_run",
             "refused_quiet_hours", "refused_hold", "refused_rate", "rate_deferred", "quiet_deferred",
             "frames_sent", "resends", "status_reads", "status_read_failures", "customer_closures",
             "changes_dropped", "lane_crashes",

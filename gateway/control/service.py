@@ -38,9 +38,10 @@ from gateway.control.secrets import Passwords, load_groups
 from gateway.control.wire import STATUS_NAME
 from gateway.journal import Journal
 from gateway.model import Reading
-from protocols.dlt645 import RelayStatus
+from protocols.dlt645 import AddressError, RelayStatus, normalize
 
 log = logging.getLogger("gateway.control")
+MAX_REQUEST_ID = 200
 RESTART_BACKOFF = (1.0, 60.0)  # s: a crashed lane is restarted after this, doubling
 
 
@@ -107,19 +108,11 @@ class Control:
                      valid_for: float | None = None, reason: str = "", actor: str = "",
                      source: str = "api") -> Command:
         """Commit a command and return it (see the module docs of model.py for its states)."""
-        config = self.meter_for(meter)
-        if config is None:
-            raise UnknownMeter(f"meter {meter!r} is not configured at station {self.station}")
         try:
-            act = Action(action)
-        except ValueError:
-            raise UnknownAction(f"unknown action {action!r}; one of {', '.join(a.value for a in Action)}") from None
-        if config.edition != 2007:
-            raise ControlError(f"meter {config.address} speaks DL/T 645-{config.edition}, which has no remote control")
-        valid = self.config.default_valid_for if valid_for is None else float(valid_for)
-        if not 0 < valid <= self.config.max_valid_for:
-            raise ControlError(f"valid_for must be more than 0 and at most {self.config.max_valid_for:g} s, "
-                               f"got {valid:g}")
+            config, act, valid = self._check(meter, action, valid_for, request_id)
+        except ControlError:
+            self.counters["rejected"] += 1
+            raise
         if request_id:
             known = await self.journal.read(store.by_request_id, request_id)
             if known is not None and known.meter == config.address and known.action is act:
@@ -149,6 +142,33 @@ class Control:
             lane.add(command)
             self._wake(lane)
         return copy.deepcopy(command)  # a snapshot: the lane goes on changing its own
+
+    def _check(self, meter: str, action: str | Action, valid_for: float | None,
+               request_id: str | None) -> tuple[MeterConfig, Action, float]:
+        """A request's own faults, as the typed errors the API answers with."""
+        try:
+            address = normalize(str(meter))
+        except AddressError as exc:
+            raise ControlError(f"bad meter address {meter!r}: {exc}") from None
+        config = self.meter_for(address)
+        if config is None:
+            raise UnknownMeter(f"meter {address} is not configured at station {self.station}")
+        try:
+            act = Action(action)
+        except ValueError:
+            raise UnknownAction(f"unknown action {action!r}; one of {', '.join(a.value for a in Action)}") from None
+        if config.edition != 2007:
+            raise ControlError(f"meter {config.address} speaks DL/T 645-{config.edition}, which has no remote control")
+        try:
+            valid = self.config.default_valid_for if valid_for is None else float(valid_for)
+        except (TypeError, ValueError):
+            raise ControlError(f"valid_for must be a number of seconds, got {valid_for!r}") from None
+        if not 0 < valid <= self.config.max_valid_for:
+            raise ControlError(f"valid_for must be more than 0 and at most {self.config.max_valid_for:g} s, "
+                               f"got {valid:g}")
+        if request_id is not None and not 0 < len(request_id) <= MAX_REQUEST_ID:
+            raise ControlError(f"request_id must be 1..{MAX_REQUEST_ID} characters")
+        return config, act, valid
 
     def _guard(self, command: Command, now: float) -> None:
         """Guards decided at submission: the command starts as failed or dry_run, or stays pending."""

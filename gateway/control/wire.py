@@ -1,4 +1,5 @@
-"""The two exchanges control needs on a meter's bus: read status word 3, send one 1C.
+"""The two exchanges control needs on a meter's bus (read status word 3, send one 1C),
+and what status word 3 says about a command.
 
 Both go at Priority.CONTROL (ahead of polling). The 1C is sent with the bus's own
 retries switched off: a 1C whose answer was lost may have been carried out, so a
@@ -12,6 +13,8 @@ import datetime as dt
 
 from gateway.archive import MeterConfig
 from gateway.bus import BadFrame, Bus, Priority, Timing
+from gateway.control.model import Action as UserAction
+from gateway.control.store import WAITING
 from protocols.dlt645 import (
     Action,
     DecodeError,
@@ -26,6 +29,9 @@ from protocols.dlt645 import (
 from protocols.dlt645.control import FUNCTION, STATUS_WORD_3
 
 STATUS_NAME = "status_word_3"
+BECAUSE = {"link_down": "the link was down", "no_reply": "the meter did not answer",
+           "bad_frame": "the meter's answers were garbled", "quiet_hours": "quiet hours",
+           "rate_limited": "the station's trip rate limit", "never_reached": "it was never reached"}
 
 
 async def read_status(bus: Bus, meter: MeterConfig, timing: Timing) -> tuple[int, RelayStatus]:
@@ -64,3 +70,27 @@ async def send_control(bus: Bus, meter: MeterConfig, timing: Timing, action: Act
     if reply.function != FUNCTION:
         raise BadFrame(f"{meter.address} answered function {reply.function:02X} to a 1C")
     return reply
+
+
+def received(action: UserAction, status: RelayStatus) -> bool:
+    """Does status word 3 show that an earlier 1C of `action` reached the meter?"""
+    if action is UserAction.TRIP:
+        return status.relay_open or status.trip_commanded
+    return status.satisfies(action.wire)
+
+
+def verified_detail(action: UserAction, status: RelayStatus) -> str:
+    if action is UserAction.ALLOW_CLOSE:
+        return WAITING if status.relay_open else "closed"
+    if action is UserAction.TRIP:
+        return "relay open"
+    if action is UserAction.CLOSE:
+        return "relay closed"
+    return f"status word 3 shows {action}"
+
+
+def describe(status: RelayStatus | None) -> str:
+    if status is None:
+        return "status word 3 could not be read"
+    shown = [name for name, on in status._asdict().items() if on]
+    return "status word 3 shows " + (", ".join(shown) if shown else "relay closed, no command, no alarm")

@@ -154,4 +154,10 @@ async def test_bad_requests_get_typed_errors(rig):
         await rig.control.submit(M1, "trip", valid_for=0)
     with pytest.raises(ControlError):
         await rig.control.submit(M1, "trip", valid_for=30 * 86400)
+    with pytest.raises(ControlError, match="address"):
+        await rig.control.submit("12x", "trip")
+    with pytest.raises(ControlError, match="request_id"):
+        await rig.control.submit(M1, "trip", request_id="x" * 201)
     assert await rig.control.list() == []
+    assert rig.control.counters["rejected"] == 6
+    assert (await rig.control.submit("1", "alarm")).meter == M1  # short forms of an address are the meter

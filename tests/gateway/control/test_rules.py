@@ -26,7 +26,6 @@ def shifted_to(hh: int, mm: int, ss: int) -> float:
 async def test_a_close_supersedes_a_trip_waiting_for_the_link(tmp_path, free_port):
     async with Rig(tmp_path, free_port) as rig:  # the link is down
         trip = await rig.control.submit(M1, "trip", reason="balance below zero")
-        await rig.until(lambda: rig.control.engine.counters["frames_sent"] == 0, "nothing sent on a down link")
         close = await rig.control.submit(M1, "close", reason="paid")
         gone = await rig.control.get(trip.id)
         assert gone.state is State.SUPERSEDED and gone.fail_reason == f"superseded by {close.id}"
