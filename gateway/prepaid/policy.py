@@ -219,9 +219,14 @@ class Prepaid:
             log.warning("meter %s: an energy register went back; the estimate restarts from it", a.meter)
 
     def _remember(self, action: PolicyAction) -> None:
-        if action.request_id not in self._by_request:
-            self._by_request[action.request_id] = action
-            self._actions.setdefault(action.meter, []).append(action)
+        """Keep an action in memory; like the table, only the newest finished ones per meter (bounded)."""
+        if action.request_id in self._by_request:
+            return
+        self._by_request[action.request_id] = action
+        actions = self._actions.setdefault(action.meter, [])
+        actions.append(action)
+        while len(actions) > store.KEEP_ACTIONS and not actions[0].open:
+            del self._by_request[actions.pop(0).request_id]
 
     async def _flush(self) -> bool:
         """Apply the readings observed so far; False if they could not be stored (kept for a retry)."""

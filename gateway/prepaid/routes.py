@@ -20,9 +20,10 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api import ApiError, reply
+from gateway.control.model import ControlError
 from gateway.prepaid import csvimport
 from gateway.prepaid.forms import SETTING_FIELDS, parse_time, settings_or_empty, text, unknown
-from gateway.prepaid.money import PrepaidError
+from gateway.prepaid.money import PrepaidError, UnknownAccount
 from gateway.prepaid.policy import Prepaid
 
 log = logging.getLogger("meterd.prepaid")
@@ -116,29 +117,47 @@ def accounts_routes(prepaid: Prepaid) -> list[web.RouteDef]:
     ]
 
 
-def payment_handler(prepaid: Prepaid) -> Callable[[list[str], dict[str, Any]], Awaitable[None]]:
-    """For the MQTT inbox: `meterd/<station>/accounts/<address>/payments` with {amount, payment_id}.
+class PaymentRefused(ControlError):
+    """A payment message that cannot be used. gateway.control's inbox answers it on `<topic>/rejected`
+    and counts it under `kind` (bad_payment, unknown_account, unknown_meter, conflict)."""
 
-    `levels` are the topic levels after `meterd/<station>/`. A bad message is logged and counted
-    (stats["rejected_messages"]); a journal failure is raised so the inbox sees it.
+    def __init__(self, message: str, kind: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.kind, self.status = kind, status
+
+
+def payment_handler(prepaid: Prepaid) -> Callable[[list[str], dict[str, Any]], Awaitable[dict[str, Any]]]:
+    """For the MQTT inbox: `Inbox.route("accounts/+/payments", payment_handler(prepaid))`.
+
+    `levels` are what the route's `+` matched (`[address]`); the whole relative topic
+    (`["accounts", address, "payments"]`) works too. The payload is {amount, payment_id}; a
+    redelivered message with the same payment_id counts once. A bad message raises PaymentRefused
+    (also counted in stats["rejected_messages"]); a journal failure propagates, so the message is
+    not acknowledged and comes again. The answer (for `<topic>/accepted`) says what happened.
     """
 
-    async def handle(levels: list[str], payload: dict[str, Any]) -> None:
+    async def handle(levels: list[str], payload: dict[str, Any]) -> dict[str, Any]:
         try:
-            if len(levels) != 3 or levels[0] != "accounts" or levels[2] != "payments":
-                raise PrepaidError(f"not a payment topic: {'/'.join(levels)}")
+            if len(levels) == 3 and levels[0] == "accounts" and levels[2] == "payments":
+                levels = levels[1:2]
+            if len(levels) != 1:
+                raise PrepaidError(f"not a payment topic: {'/'.join(levels)} (accounts/<address>/payments)")
             if not isinstance(payload, dict):
                 raise PrepaidError("the payload must be a JSON object {amount, payment_id}")
             unknown(payload, ("amount", "payment_id"))
             if "amount" not in payload:
                 raise PrepaidError("amount is required")
-            result = await prepaid.pay(levels[1], payload["amount"], text(payload, "payment_id"), source="mqtt")
+            result = await prepaid.pay(levels[0], payload["amount"], text(payload, "payment_id"), source="mqtt")
         except PrepaidError as exc:
             prepaid.stats["rejected_messages"] += 1
-            log.warning("prepaid: MQTT payment on accounts/%s refused: %s", levels[1] if len(levels) > 1 else "?",
-                        exc)
-            return
-        log.info("prepaid: MQTT payment %s for meter %s: %s", payload.get("payment_id"), result["account"]["meter"],
+            kind = {400: "bad_payment", 409: "conflict"}.get(exc.status) or \
+                ("unknown_account" if isinstance(exc, UnknownAccount) else "unknown_meter")
+            raise PaymentRefused(str(exc), kind, exc.status) from None
+        account = result["account"]
+        log.info("prepaid: MQTT payment %s for meter %s: %s", payload["payment_id"], account["meter"],
                  result["outcome"])
+        return {"payment_id": str(payload["payment_id"]), "meter": account["meter"], "outcome": result["outcome"],
+                "estimated_balance": account["estimated_balance"], "state": account["state"],
+                "actions": [{"action": a["action"], "command_id": a["command_id"]} for a in result["actions"]]}
 
     return handle

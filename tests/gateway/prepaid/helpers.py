@@ -20,7 +20,8 @@ CONFIG = PrepaidConfig(enabled=True, alarm_threshold=20, valid_for=600)
 class FakeControl:
     """Records submissions; the same request_id returns the same command, like the real engine."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: State = State.PENDING) -> None:
+        self.state = state  # what a new command starts as (VERIFIED: an engine that is done at once)
         self.commands: dict[str, Command] = {}
         self.calls: list[tuple[str, str, str]] = []
         self.error: Exception | None = None
@@ -34,7 +35,7 @@ class FakeControl:
             return self.commands[request_id]
         now = time.time()
         command = Command(id=f"c{len(self.commands) + 1}", request_id=request_id, meter=meter, action=Action(action),
-                          state=State.PENDING, created=now, deadline=now + valid_for, actor=actor, reason=reason,
+                          state=self.state, created=now, deadline=now + valid_for, actor=actor, reason=reason,
                           source=source)
         self.commands[request_id] = command
         return command

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.control.model import ControlError, State, UnknownMeter
 from gateway.model import Quality
-from gateway.prepaid import PrepaidError, Settings
+from gateway.prepaid import PrepaidError, Settings, store
 from tests.gateway.prepaid.helpers import Daemon, FakeControl, M, energy, eventually
 
 
@@ -119,3 +119,17 @@ async def test_bad_input_is_refused_with_a_clear_error(tmp_path):
         assert prepaid.stats["bad_readings"] == 3
         prepaid.observe([energy(5.0, 1.0, meter="000000000002")])  # no account: not ours, not an error
         assert prepaid.stats["bad_readings"] == 3 and prepaid.stats["readings"] == 0
+
+
+async def test_a_long_life_keeps_a_bounded_history(tmp_path):
+    control = FakeControl(State.VERIFIED)
+    async with Daemon(tmp_path / "j.sqlite", control) as prepaid:
+        await prepaid.upsert_account(M, Settings(price=1_000_000))
+        for n in range(40):  # 40 trips and 40 restores: 160 actions
+            await prepaid.set_balance(M, "-1", f"bill-{n}", as_of=time.time())
+            await prepaid.pay(M, "10", f"pay-{n}")
+        assert len(control.commands) == 160 and prepaid.account(M)["transitions"] == 80
+        assert len(prepaid._actions[M]) == store.KEEP_ACTIONS and len(prepaid._by_request) == store.KEEP_ACTIONS
+        assert prepaid.account(M)["last_action"]["request_id"] == f"prepaid:{M}:80:alarm_release"
+    async with Daemon(tmp_path / "j.sqlite", control) as prepaid:
+        assert len(prepaid._actions[M]) == store.KEEP_ACTIONS

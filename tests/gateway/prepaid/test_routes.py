@@ -12,9 +12,10 @@ import aiohttp
 import pytest
 
 from gateway.api import ApiConfig, ApiServer
+from gateway.control.model import ControlError
 from gateway.prepaid import Settings
 from gateway.prepaid.cli import add_parser
-from gateway.prepaid.routes import accounts_routes, payment_handler
+from gateway.prepaid.routes import PaymentRefused, accounts_routes, payment_handler
 from gateway.stats import CollectionStats
 from tests.gateway.prepaid.helpers import Daemon, FakeControl, M, energy, eventually
 
@@ -151,14 +152,23 @@ async def test_mqtt_payments_go_through_the_same_checks(api):
     await prepaid.set_balance(M, "-3", "bill-1")
     await eventually(lambda: control.issued() == [(M, "alarm"), (M, "trip")])
     handle = payment_handler(prepaid)
-    await handle(["accounts", M, "payments"], {"amount": "10", "payment_id": "mq-1"})
+    answer = await handle([M], {"amount": "10", "payment_id": "mq-1"})  # levels: what `accounts/+/payments` matched
     assert control.issued()[2:] == [(M, "close"), (M, "alarm_release")]
-    assert prepaid.account(M)["estimated_balance"] == "7.00"
-    await handle(["accounts", M, "payments"], {"amount": "10", "payment_id": "mq-1"})  # a redelivery
-    await handle(["accounts", "xyz", "payments"], {"amount": "10", "payment_id": "mq-2"})
-    await handle(["accounts", M, "payments"], {"amount": "1.001", "payment_id": "mq-3"})
-    await handle(["accounts", M, "payments"], ["not", "an", "object"])
-    assert prepaid.account(M)["estimated_balance"] == "7.00" and prepaid.stats["rejected_messages"] == 3
+    assert answer["outcome"] == "applied" and answer["estimated_balance"] == "7.00" and answer["state"] == "normal"
+    assert [a["action"] for a in answer["actions"]] == ["close", "alarm_release"]
+    answer = await handle(["accounts", M, "payments"], {"amount": "10", "payment_id": "mq-1"})  # a redelivery
+    assert answer["outcome"] == "duplicate" and len(control.calls) == 4
+    for levels, payload, kind in (
+            (["xyz"], {"amount": "10", "payment_id": "mq-2"}, "bad_payment"),
+            ([M], {"amount": "1.001", "payment_id": "mq-3"}, "bad_payment"),
+            ([M], {"amount": "1", "payment_id": "mq-1"}, "conflict"),
+            ([M2], {"amount": "1", "payment_id": "mq-4"}, "unknown_account"),
+            (["000000000009"], {"amount": "1", "payment_id": "mq-5"}, "unknown_meter"),
+            ([M], {"amount": "1", "payment_id": "mq-6", "extra": 1}, "bad_payment")):
+        with pytest.raises(PaymentRefused) as refused:
+            await handle(levels, payload)
+        assert isinstance(refused.value, ControlError) and refused.value.kind == kind  # the inbox rejects, counts
+    assert prepaid.account(M)["estimated_balance"] == "7.00" and prepaid.stats["rejected_messages"] == 6
 
 
 def meterd_accounts(server, *argv):
