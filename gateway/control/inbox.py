@@ -12,11 +12,16 @@ stale retained message (delivered flagged at subscription) is refused: old inten
 
 Delivery: QoS 1 subscriptions on a persistent session (clean_session False, a stable client
 id `meterd-<station>-inbox` unless `client_id` is set), so the broker keeps the messages sent
-while meterd was away (restart, uplink loss) and delivers them when it is back, for as long
-as the broker keeps the session. Each message is acknowledged (PUBACK) only after its handler
-returned, i.e. after the command is committed to the journal: a crash before that gets it
-redelivered. Send a `request_id`: a redelivered command with one is never executed twice.
-Two meterd processes must not share a client id (the broker would keep disconnecting one).
+while meterd was away (restart, uplink loss) and delivers them when it is back, within the
+broker's limits (Mosquitto: `max_queued_messages`, default 1000 per client;
+`persistent_client_expiration`; `persistence true` to survive a broker restart). Each message
+is acknowledged (PUBACK) only after its handler returned, i.e. after the command is committed
+to the journal: a crash before that gets it redelivered, and so does a handler's JournalError
+(the session is ended and made again after the backoff; the broker resends what was not
+acknowledged). Any other handler exception is a bug: answered as `internal error`, counted,
+logged and acknowledged (it would only fail again). Send a `request_id`: a redelivered
+command with one is never executed twice. Two meterd processes must not share a client id
+(the broker would keep disconnecting one of them).
 
 `command_handler(control)` serves `meters/<address>/commands` with `{action, request_id,
 valid_for, reason}` (source and actor "mqtt"). `run(stop)` is the supervised part: it keeps the
@@ -41,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.control.api import BadRequest, Control, check_address, parse_request, submit
 from gateway.control.model import ControlError
+from gateway.journal_store import JournalError
 
 log = logging.getLogger("gateway.control.inbox")
 Route = Callable[[list[str], dict[str, Any]], Awaitable[dict[str, Any] | None]]
@@ -222,6 +228,10 @@ class Inbox:
             self.counters["unrouted"] += 1  # a subscription of an older session: nothing serves it
         except (BadRequest, ControlError, Rejected) as exc:
             await self._reject(client, topic, payload, exc)
+        except JournalError as exc:  # nothing was committed: no PUBACK; a new session gets it again
+            self.counters["not_committed"] += 1
+            log.warning("control inbox: %s: not committed, taking it again after a reconnect: %s", topic, exc)
+            raise
         except Exception as exc:  # a handler bug must not end the session: answer, count, log
             log.exception("control inbox: %s: handler failed", topic)
             await self._reject(client, topic, payload, Rejected(f"internal error: {type(exc).__name__}", "error"))

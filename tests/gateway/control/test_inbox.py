@@ -18,6 +18,7 @@ import pytest
 
 from gateway.control.inbox import COMMANDS, Inbox, InboxConfig, Rejected, command_handler, match
 from gateway.control.model import Action
+from gateway.journal_store import JournalError
 from tests.gateway.control.test_api import METER, FakeControl
 from tests.integration.test_sinks_real import Proxy, wait_for
 from tests.services import Mosquitto
@@ -183,6 +184,25 @@ async def test_a_message_whose_handling_never_finished_is_delivered_again(mosqui
     async with running(again):
         await wait_for(lambda: bool(handled), what="the redelivered payment")
     assert handled == [{"account": "A-17", "amount": 50, "payment_id": "p1"}]
+
+
+async def test_a_message_the_journal_could_not_commit_comes_again(mosquitto: Mosquitto) -> None:
+    st = station()
+    inbox = Inbox(config(mosquitto), st)
+    calls: list[dict[str, Any]] = []
+
+    async def journal_full_once(levels: list[str], payload: dict[str, Any]) -> dict[str, Any]:
+        calls.append(payload)
+        if len(calls) == 1:
+            raise JournalError("the journal cannot grow: database or disk is full")
+        return {"ok": True}
+
+    inbox.route("accounts/+/payments", journal_full_once)
+    async with Watch(mosquitto, f"meterd/{st}/accounts").open() as answers, running(inbox):
+        await publish(mosquitto, f"meterd/{st}/accounts/A-1/payments", {"payment_id": "p9"})
+        await wait_for(lambda: bool(answers.on("accepted")), what="the second, committed delivery")
+    assert calls == [{"payment_id": "p9"}] * 2 and not answers.on("rejected")
+    assert inbox.counters["not_committed"] == 1 and inbox.counters["connects"] == 2
 
 
 async def test_the_inbox_reconnects_and_subscribes_again(mosquitto: Mosquitto, control: FakeControl) -> None:
