@@ -6,10 +6,12 @@ request ids, unknown meters, not-found ids; test_inbox and test_cli use it too."
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -17,8 +19,14 @@ import aiohttp
 import pytest
 
 from gateway.api import ApiConfig, ApiServer
+from gateway.archive import MeterConfig
+from gateway.bus import Timing
+from gateway.control.api import Control as ControlLike
 from gateway.control.api import control_routes, parse_request, parse_valid_for
+from gateway.control.config import ControlConfig
 from gateway.control.model import Action, Command, Conflict, NotFound, State, UnknownAction, UnknownMeter
+from gateway.control.service import Control
+from gateway.journal import Journal
 from gateway.stats import CollectionStats
 
 TOKEN = "s3cret-token"
@@ -84,8 +92,8 @@ def control() -> FakeControl:
     return FakeControl()
 
 
-@pytest.fixture
-async def api(control: FakeControl) -> AsyncIterator[str]:
+@contextlib.asynccontextmanager
+async def served_api(control: ControlLike) -> AsyncIterator[str]:
     server = ApiServer(ApiConfig(listen="127.0.0.1:0", token=TOKEN), CollectionStats("st-01", ZoneInfo("UTC")),
                        journal_ok=lambda: True, links_up=lambda: 1)
     server.add_routes(control_routes(control))
@@ -94,6 +102,12 @@ async def api(control: FakeControl) -> AsyncIterator[str]:
         yield server.url
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def api(control: FakeControl) -> AsyncIterator[str]:
+    async with served_api(control) as url:
+        yield url
 
 
 async def call(method: str, url: str, body: Any = None, *, raw: bytes | None = None,
@@ -204,3 +218,24 @@ def test_request_parsing_accepts_what_callers_write() -> None:
     assert (ask.action, ask.valid_for, ask.request_id, ask.reason) == (Action.ALLOW_CLOSE, 5400.0, "r", "")
     assert parse_request({"action": "trip"}).valid_for is None
     assert parse_valid_for(2.5) == 2.5 and parse_valid_for("2d") == 172800.0
+
+
+async def test_with_the_real_control_service_and_journal(tmp_path: Path) -> None:
+    """The routes on the real Control (not running its lanes: commands stay pending) and a real journal."""
+    async with Journal(tmp_path / "journal.sqlite") as journal:
+        meters = {METER: MeterConfig(address=METER, link="bus1")}
+        control = Control(ControlConfig(quiet_hours=None), journal, station="st-01", tz=ZoneInfo("UTC"),
+                          meter_for=meters.get, bus_for=lambda m: None, timing_for=lambda m: Timing())
+        await control.start()
+        async with served_api(control) as url:
+            ask = {"action": "allow_close", "request_id": "pay-3", "valid_for": "5m", "reason": "paid"}
+            first_status, first, _ = await call("POST", f"{url}/api/v1/meters/{METER}/commands", ask)
+            again_status, again, _ = await call("POST", f"{url}/api/v1/meters/{METER}/commands", ask)
+            status, unknown, _ = await call("POST", f"{url}/api/v1/meters/{OTHER}/commands", {"action": "trip"})
+            _, listed, _ = await call("GET", f"{url}/api/v1/meters/{METER}/commands")
+            _, one, _ = await call("GET", f"{url}/api/v1/commands/{first['id']}")
+    assert (first_status, again_status, again["id"]) == (202, 200, first["id"])
+    assert first["state"] == "pending" and first["deadline"] == pytest.approx(first["created"] + 300)
+    assert status == 404 and OTHER in unknown["error"]
+    assert [c["id"] for c in listed["commands"]] == [first["id"]] and one["request_id"] == "pay-3"
+    assert control.counters["api_rejected"] == 1 and control.counters["duplicates"] == 1
