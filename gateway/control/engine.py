@@ -116,6 +116,8 @@ class Engine:
             p = lane.progress[chosen.id]
             p.deferred = False
             delay = await self.step(lane, chosen, p)
+            if delay is None and not chosen.state.terminal:  # it moved under us: look again, but not in a spin
+                delay = self.config.retry_every
             if delay is not None:
                 p.next_at = self.clock() + delay
 

@@ -92,6 +92,11 @@ class Ledger:
         new.updated = self.clock()
         before = command.state
         if not await self.journal.write(store.transition, new, before):
+            stored = await self.journal.read(store.get, command.id)  # memory fell behind (a cancelled write)
+            if stored is not None:
+                command.__dict__.update(stored.__dict__)
+                if stored.state.terminal:
+                    self.open.pop(command.id, None)
             return False
         command.__dict__.update(new.__dict__)
         self.record(command, moved=new.state is not before)

@@ -3,6 +3,9 @@ and the meter counts exactly one accepted 1C for it."""
 
 from __future__ import annotations
 
+import copy
+
+from gateway.control import store
 from gateway.control.model import State
 from gateway.control.store import events_of
 from simulators.faults import FaultRule
@@ -67,3 +70,16 @@ async def test_acknowledged_is_verified_after_a_restart(tmp_path, free_port):
         assert rig.accepted(M1) == 1
         states = [e["state"] for e in await rig.journal.read(events_of, trip.id)]
         assert states == ["pending", "sent", "acknowledged", "verified"]
+
+
+async def test_a_lane_behind_the_journal_catches_up_instead_of_acting(tmp_path, free_port):
+    """A write whose caller was cancelled may still commit: the journal, not memory, has the last word."""
+    async with Rig(tmp_path, free_port) as rig:  # link down: the alarm waits
+        alarm = await rig.control.submit(M1, "alarm")
+        behind = copy.deepcopy(alarm)
+        behind.state, behind.fail_reason, behind.updated = State.EXPIRED, "never_reached", rig.clock()
+        assert await rig.journal.write(store.transition, behind, State.PENDING)
+        await rig.serve()
+        done = await rig.wait(alarm)
+        assert done.state is State.EXPIRED and done.fail_reason == "never_reached"
+        assert rig.control_frames(M1) == 0
