@@ -7,8 +7,8 @@ import sys
 from collections.abc import Sequence
 
 from gateway import daemon_cli, decoding, read_cli, readings_cli, status_cli
-
-NOT_YET = ("control", "accounts")
+from gateway.control import cli as control_cli
+from gateway.prepaid import cli as accounts_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,19 +19,14 @@ def build_parser() -> argparse.ArgumentParser:
     readings_cli.add_parser(sub)
     read_cli.add_parser(sub)
     status_cli.add_parser(sub)
-    for name in NOT_YET:
-        sub.add_parser(name, help="(not available yet)", add_help=False)
+    control_cli.add_parser(sub)
+    accounts_cli.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command in NOT_YET:
-        print(f"meterd {args.command}: not available yet in this version", file=sys.stderr)
-        return 2
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     code: int = args.handler(args)
     return code
 

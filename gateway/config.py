@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from gateway.api import ApiConfig
 from gateway.archive import ArchiveError, MeterConfig, load_csv
+from gateway.control.config import ControlConfig
 from gateway.journal import JournalConfig
 from gateway.links.config import LinkConfig
 from gateway.plans import PlanConfig, parse_duration
+from gateway.prepaid.config import PrepaidConfig
 from gateway.sinks import SinkConfig
 from protocols.dlt645 import find
 
@@ -71,6 +73,9 @@ class Config(BaseModel):
     plans: list[PlanConfig] = []
     sinks: list[SinkConfig] = []
     time_sync: TimeSyncConfig = TimeSyncConfig()
+    _by_address: dict[str, MeterConfig] | None = PrivateAttr(default=None)
+    control: ControlConfig = ControlConfig()
+    prepaid: PrepaidConfig = PrepaidConfig()
 
     @property
     def tz(self) -> ZoneInfo:
@@ -81,6 +86,13 @@ class Config(BaseModel):
         return [m for m in self.meters
                 if (not chosen or m.address in chosen) and (not plan.links or m.link in plan.links)
                 and (not plan.areas or m.area in plan.areas)]
+
+    def meter(self, address: str) -> MeterConfig | None:
+        """The meter with this address (an index built on first use; a reload makes a new Config)."""
+        index = self._by_address
+        if index is None or len(index) != len(self.meters):
+            index = self._by_address = {m.address: m for m in self.meters}
+        return index.get(address)
 
     def link(self, name: str) -> LinkConfig:
         return next(link for link in self.links if link.name == name)

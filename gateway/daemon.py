@@ -22,11 +22,16 @@ from gateway.archive import MeterConfig
 from gateway.bus import Bus, Timing
 from gateway.clock import ClockWatch
 from gateway.config import Config, ConfigError, load_config
+from gateway.control.api import control_routes
+from gateway.control.inbox import Inbox, command_handler
+from gateway.control.service import Control
 from gateway.journal import Journal
 from gateway.links import Link, Listener, build_link
 from gateway.links.config import LinkConfig
 from gateway.logs import MeterLog, trace_logger
-from gateway.model import Outcome, Reason, RoundStats
+from gateway.model import Outcome, Reading, Reason, RoundStats
+from gateway.prepaid.policy import Prepaid
+from gateway.prepaid.routes import accounts_routes, payment_handler
 from gateway.reader import Dlt645Reader
 from gateway.reload import apply
 from gateway.scheduler import Scheduler
@@ -40,15 +45,20 @@ log = logging.getLogger(__name__)
 class Observer:
     """Fans round events out to the statistics and the de-duplicated per-meter log."""
 
-    def __init__(self, stats: CollectionStats, meter_log: MeterLog) -> None:
+    def __init__(self, stats: CollectionStats, meter_log: MeterLog,
+                 readers: tuple[Callable[[list[Reading]], None], ...] = ()) -> None:
         self.stats = stats
         self.meter_log = meter_log
+        self.readers = readers  # control and prepaid look at every journaled reading (relay state, energy)
 
     def round_started(self, stats: RoundStats) -> None:
         self.stats.round_started(stats)
 
     def outcome(self, round_id: str, outcome: Outcome, *, plan: str, link: str, area: str) -> None:
         self.stats.outcome(round_id, outcome, plan=plan, link=link, area=area)
+        if outcome.readings:
+            for observe in self.readers:
+                observe(outcome.readings)
         if outcome.ok:
             self.meter_log.success(outcome.meter)
         elif outcome.reason is not Reason.BUSY:  # a skipped job says nothing about the meter
@@ -77,6 +87,10 @@ class Daemon:
         self._parts: dict[str, asyncio.Event] = {}
         self.api: ApiServer | None = None
         self.clock_watch = ClockWatch(lambda: self.config, self.bus_for, self.timing_for)
+        self.control = Control(config.control, self.journal, station=config.station.name, tz=config.tz,
+                               meter_for=self.meter_for, bus_for=self.bus_for, timing_for=self.timing_for)
+        self.prepaid = Prepaid(config.prepaid, self.journal, self.control, station=config.station.name,
+                               meters=self.meter_for) if config.prepaid.enabled else None
 
     # --- parts --------------------------------------------------------------------------------
     def _start(self, part: str, factory: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -99,6 +113,9 @@ class Daemon:
             event.set()
 
     # --- links and buses ------------------------------------------------------------------------
+    def meter_for(self, address: str) -> MeterConfig | None:
+        return self.config.meter(address)
+
     def timing_for(self, meter: MeterConfig) -> Timing:
         base = self.bus_for(meter)
         timing = base.timing if base else Timing()
@@ -162,8 +179,31 @@ class Daemon:
         reader = Dlt645Reader(config.station.name, config.tz, self.timing_for)
         scheduler = Scheduler(config.plans, {p.name: config.plan_meters(p) for p in config.plans},
                               bus_for=self.bus_for, reader=reader, journal=self.journal,
-                              observer=Observer(self.stats, self.meter_log), station=config.station.name, tz=config.tz)
+                              observer=self.observer(), station=config.station.name, tz=config.tz)
         self._start("scheduler", scheduler.run)
+
+    def observer(self) -> Observer:
+        readers: list[Callable[[list[Reading]], None]] = [self.control.observe]
+        if self.prepaid is not None:
+            readers.append(self.prepaid.observe)
+        return Observer(self.stats, self.meter_log, tuple(readers))
+
+    async def start_control(self, api: ApiServer) -> None:
+        """Commands resume before anything else talks on the buses; prepaid follows control."""
+        await self.control.start()
+        self._start("control", self.control.run)
+        api.add_routes(control_routes(self.control))
+        inbox = Inbox(self.config.control.mqtt, self.config.station.name) if self.config.control.mqtt else None
+        if inbox is not None:
+            inbox.route("meters/+/commands", command_handler(self.control))
+        if self.prepaid is not None:
+            await self.prepaid.start()
+            self._start("prepaid", self.prepaid.run)
+            api.add_routes(accounts_routes(self.prepaid))
+            if inbox is not None:
+                inbox.route("accounts/+/payments", payment_handler(self.prepaid))
+        if inbox is not None:
+            self._start("inbox", inbox.run)
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -178,7 +218,9 @@ class Daemon:
             self.api = ApiServer(self.config.api, self.stats, journal_ok=lambda: self.journal.alive,
                                  links_up=self.links_up, extra={"journal": lambda: dict(self.journal.stats),
                                                                 "sinks": self.sink_status,
-                                                                "clock": self.clock_watch.status})
+                                                                "clock": self.clock_watch.status,
+                                                                "control": lambda: dict(self.control.counters)})
+            await self.start_control(self.api)
             self.api.add_routes(read_routes(lambda: self.config, self.bus_for, Dlt645Reader(
                 self.config.station.name, self.config.tz, self.timing_for)))
             self._register_metrics(self.api)

@@ -25,6 +25,9 @@ def apply(daemon: Daemon, fresh: Config) -> list[str]:
         fresh = fresh.model_copy(update={"station": old.station, "journal": old.journal,
                                          "api": old.api.model_copy(update={"token": fresh.api.token,
                                                                            "token_file": fresh.api.token_file})})
+    if fresh.control != old.control or fresh.prepaid != old.prepaid:
+        changes.append("control/prepaid changes need a restart (ignored)")
+        fresh = fresh.model_copy(update={"control": old.control, "prepaid": old.prepaid})
     old_links = {link.name: link for link in old.links}
     new_links = {link.name: link for link in fresh.links}
     daemon.config = fresh
