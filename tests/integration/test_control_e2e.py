@@ -98,7 +98,8 @@ def test_sigkill_at_every_state_loses_nothing_and_repeats_nothing(tmp_path: Path
         in_state(meterd, late["id"], "sent", timeout=10)
         meterd.kill()
         time.sleep(3.5)  # the meter's late reply goes to a dead socket
-        http_request("PUT", sim.api_url + "/faults", json.dumps({"scope": "meter", "meter": LATE, "faults": []}).encode())
+        clear = {"scope": "meter", "meter": LATE, "faults": []}
+        http_request("PUT", sim.api_url + "/faults", json.dumps(clear).encode())
         assert accepted(sim, LATE) == 1
         meterd.start()
         done = in_state(meterd, late["id"], "verified")
