@@ -3,6 +3,13 @@
 `submit` commits a command (guards that refuse decide here, so a refusal is as durable
 as an acceptance) and wakes the meter's lane; `run` drives the lanes; `start` resumes
 whatever a previous process left open. See engine.py for how a command is carried out.
+
+Wiring (the daemon)::
+
+    control = Control(config.control, journal, station=..., tz=config.tz, meter_for=meters.get,
+                      bus_for=lambda m: buses.get(m.link), timing_for=timing_of)
+    await control.start()                    # after journal.open(); SecretsError came from __init__
+    supervise(control.run(stop))             # and control.observe(readings) for every journaled batch
 """
 
 from __future__ import annotations
@@ -210,14 +217,8 @@ class Control:
     def observe(self, readings: Sequence[Reading]) -> None:
         """Routine readings: remember status word 3 and notice a customer closing an allowed relay."""
         for reading in readings:
-            if reading.quantity != STATUS_NAME or not isinstance(reading.value, int):
-                continue
-            status = RelayStatus.from_word(reading.value)
-            self._relay[reading.meter] = status
-            waiting = self._waiting.get(reading.meter)
-            if waiting is not None and not status.relay_open:
-                del self._waiting[reading.meter]
-                self._spawn(self._closed_by_customer(waiting, status))
+            if reading.quantity == STATUS_NAME and isinstance(reading.value, int):
+                self._seen(reading.meter, RelayStatus.from_word(reading.value))
 
     async def _closed_by_customer(self, command: Command, status: RelayStatus) -> None:
         lane = self._lane(command.meter)
@@ -236,12 +237,12 @@ class Control:
         return None if status is None else status._asdict()
 
     def _seen(self, meter: str, status: RelayStatus) -> None:
+        """Status word 3 from a routine poll or from control's own reads."""
         self._relay[meter] = status
-        if status.relay_open is False:
-            waiting = self._waiting.get(meter)
-            if waiting is not None:
-                del self._waiting[meter]
-                self._spawn(self._closed_by_customer(waiting, status))
+        waiting = self._waiting.get(meter)
+        if waiting is not None and not status.relay_open:
+            del self._waiting[meter]
+            self._spawn(self._closed_by_customer(waiting, status))
 
     # ---- lanes ----
 

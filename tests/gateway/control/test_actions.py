@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -99,12 +100,15 @@ async def test_the_hold_list_refuses_trip_at_submission(tmp_path, free_port):
         assert rig.control_frames(M2) == 1
 
 
-async def test_wrong_password_fails_unauthorised(tmp_path, free_port):
+async def test_wrong_password_fails_unauthorised(tmp_path, free_port, caplog):
+    caplog.set_level(logging.DEBUG, logger="gateway.control")
     async with Rig(tmp_path, free_port, groups={"default": GroupAuth(password="123456")}) as rig:
         await rig.serve()
         done = await rig.wait(await rig.control.submit(M1, "trip"))
         assert done.state is State.FAILED and done.fail_reason == "unauthorised"
-        assert "123456" not in repr(rig.control.config) and "123456" not in str(done.public())
+        assert "unauthorised" in caplog.text and "123456" not in caplog.text
+        trail = await rig.journal.read(events_of, done.id)
+        assert "123456" not in repr(rig.control.config) and "123456" not in str(trail)
         assert rig.meters[M1].truth["control_refused"] == 1
 
 
