@@ -38,5 +38,5 @@ def build_sink(config: InfluxSinkConfig | MqttSinkConfig, station: str = "") -> 
 
     No network I/O happens before `run()`."""
     if isinstance(config, InfluxSinkConfig):
-        return InfluxSink(config)
+        return InfluxSink(config, station)
     return MqttSink(config, station)
