@@ -86,6 +86,8 @@ class ControlConfig(BaseModel):
     trip_retry_every: float = 30.0  # s between attempts of a trip
     quiet_hours: str | None = "20:00-08:00"  # local station time, may wrap midnight; None or "" = off
     holidays: list[dt.date] = []  # whole days without trips
+    # refuse: a trip submitted in quiet hours fails at once; defer: it waits for them to end (or expires).
+    # Either way a trip that runs into quiet hours while waiting (link down) is not sent until they end.
     quiet_mode: Literal["refuse", "defer"] = "refuse"
     trip_rate_per_min: int = Field(default=30, ge=1)  # trips per station in any 60 s window
     rate_mode: Literal["defer", "refuse"] = "defer"
