@@ -102,6 +102,8 @@ class Bus:
         self.busy_since: float | None = None
         self.link_grace = link_grace  # s a reconnecting link gets before queued jobs fail with link_down
         self._down_since: float | None = None
+        self._answer: _Answer | None = None  # the transaction waiting for its reply
+        self._timer: asyncio.TimerHandle | None = None  # one per bus, re-armed, never one per transaction
 
     @property
     def name(self) -> str:
@@ -160,6 +162,9 @@ class Bus:
                         job.future.set_result(result)
         finally:
             stopping.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             while not self._queue.empty():
                 job = self._queue.get_nowait()[2]
                 if not job.future.done():
@@ -224,6 +229,7 @@ class Bus:
             if answer is None:
                 await link.send(data)
                 return None
+            self._answer = answer
             link.attach(answer)  # before sending: a reply may come while send() still waits (MQTT PUBACK)
             await link.send(data)
             answer.start()
@@ -231,21 +237,37 @@ class Bus:
         finally:
             self.busy_since = None
             if answer is not None:
+                self._answer = None
                 link.detach(answer)
                 answer.close()
+
+    def _arm(self, deadline: float) -> None:
+        """Make the bus timer fire by `deadline`. It is left running when a transaction ends: a
+        later deadline keeps it, and when it fires early it re-arms itself for the current one."""
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return
+            timer.cancel()
+        self._timer = asyncio.get_running_loop().call_at(deadline, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        answer = self._answer
+        if answer is not None and answer.deadline and not answer.future.done():  # started and waiting
+            answer.expire()
 
 
 class _Answer:
     """The reply side of one transaction, fed by the link as bytes arrive (a `links.Receiver`).
 
     No task and no wait_for per transaction: the framer runs in the transport's callback and
-    resolves `future` when a whole frame from the address arrives. One timer does both timeouts:
-    armed for the first byte, it re-arms itself for the inter-byte deadline that each chunk moves;
-    when it finds the line quiet, the framer is flushed and the answer is NoReply or BadFrame.
+    resolves `future` when a whole frame from the address arrives. The bus timer does both timeouts
+    (`Bus._arm`): the first-byte deadline, then the inter-byte one that each chunk moves; when the
+    line was quiet until the deadline, the framer is flushed and the answer is NoReply or BadFrame.
     """
 
-    __slots__ = ("address", "bus", "deadline", "errors", "future", "loop", "received", "timer", "timing",
-                 "wildcard")
+    __slots__ = ("address", "bus", "deadline", "errors", "future", "loop", "received", "timing", "wildcard")
 
     def __init__(self, bus: Bus, address: str, timing: Timing) -> None:
         self.bus = bus
@@ -256,18 +278,15 @@ class _Answer:
         self.future: asyncio.Future[Frame] = self.loop.create_future()
         self.received = 0
         self.errors: list[FrameError] = []
-        self.deadline = 0.0
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # 0: not started (the request is still going out)
 
     def start(self) -> None:
         """The request is out: the first-byte timeout runs from now (inter-byte if bytes came already)."""
         if not self.future.done():
             self.deadline = self.loop.time() + (self.timing.inter_byte if self.received else self.timing.first_byte)
-            self.timer = self.loop.call_at(self.deadline, self._expire)
+            self.bus._arm(self.deadline)
 
     def close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
         future = self.future
         if not future.done():
             future.cancel()
@@ -289,21 +308,18 @@ class _Answer:
                 bus.stats["stray_frames"] += 1  # a late reply to an earlier request
             else:
                 self.errors.append(event)
-        self.deadline = deadline = self.loop.time() + self.timing.inter_byte
-        timer = self.timer
-        if timer is not None and deadline < timer.when():  # the first chunk: from first-byte to inter-byte
-            timer.cancel()
-            self.timer = self.loop.call_at(deadline, self._expire)
+        if self.deadline:  # started: the line must not go quiet for longer than the inter-byte timeout now
+            self.deadline = self.loop.time() + self.timing.inter_byte
+            self.bus._arm(self.deadline)
 
     def lost(self, reason: str) -> None:
         if not self.future.done():
             self.future.set_exception(LinkDown(f"{self.bus.name}: {reason}"))
 
-    def _expire(self) -> None:
-        if self.future.done():
-            return
-        if self.loop.time() < self.deadline:  # bytes came since the timer was armed
-            self.timer = self.loop.call_at(self.deadline, self._expire)
+    def expire(self) -> None:
+        """The bus timer fired: a timeout if the deadline has passed, else wait on."""
+        if self.loop.time() < self.deadline:  # an earlier transaction's deadline, or bytes came since
+            self.bus._arm(self.deadline)
             return
         bus = self.bus
         for event in bus._framer.flush():  # the line went quiet: a held-back frame may still be whole
