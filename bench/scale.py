@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/scale.py                      # 30 s per phase, 100 buses x 100 meters
     .venv/bin/python bench/scale.py --duration 10 --no-influx --profile   # phase 1 only, with cProfile
+    .venv/bin/python bench/scale.py --loop both          # asyncio, then uvloop (extra "fast"), each in a fresh process
+    .venv/bin/python bench/scale.py --tune-gc            # gc.freeze() once set up (full collections skip it)
 
 metersim runs in a subprocess (`metersim serve --fleet`, a temp fleet file like config/fleet-large.toml:
 `repeat = 100` buses of 100 meters on consecutive 127.0.0.1 ports, `baud = 0`: instant answers). This
@@ -9,10 +11,11 @@ process runs meterd's collection path: 100 `TcpLink`s and `Bus`es (gap 0: with n
 only adds sleeps), the `Dlt645Reader`, `Scheduler.run_round` with the daemon's `Observer` and a real
 `Journal` (SQLite WAL, synchronous=FULL) in a temp dir; rounds of forward_active_energy_block +
 voltage_a (2 transactions, 6 readings per meter) back to back.
-Phase 1: CPU of this process (all threads) per successful meter read (target <= 100 µs), peak RSS,
-readings/s into the journal. Phase 2: the same plus an InfluxDB v1 sink (gzip, 5000 readings per
-request) into a real influxd in a temp dir (as tests/services.py starts it), from the journal's start:
-points (lines) per second (target >= 20,000). Phase 3: collection stopped, the sink drains alone.
+Phase 1: CPU of this process (all threads) per successful meter read (target <= 100 µs) and per bus
+transaction (with the kernel's share: socket calls and wake-ups), peak RSS, readings/s into the journal.
+Phase 2: the same plus an InfluxDB v1 sink (gzip, 5000 readings per request) into a real influxd in a
+temp dir (as tests/services.py starts it), from the journal's start: points (lines) per second (target
+>= 20,000). Phase 3: collection stopped, the sink drains alone.
 metersim and influxd share the machine: see their CPU shares and the load average.
 """
 
@@ -22,12 +25,14 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import gc
 import io
 import json
 import logging
 import os
 import pstats
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -110,20 +115,33 @@ class Counting(Observer):
         super().outcome(round_id, outcome, plan=plan, link=link, area=area)
 
 
-async def window(duration: float, obs: Counting, journal: Journal, sim_pid: int,
-                 extra: dict[str, Any]) -> dict[str, Any]:
-    """Counters over `duration` seconds of whatever is running."""
-    ok0, failed0, appended0 = obs.ok, obs.failed, journal.stats["appended"]
+async def window(duration: float, obs: Counting, journal: Journal, sim_pid: int, buses: list[Bus],
+                 boundary: asyncio.Event, extra: dict[str, Any]) -> dict[str, Any]:
+    """Counters over whole rounds (from a round's end to a round's end), at least `duration` seconds.
+
+    A meter's second transaction queues behind every first one on its bus, so reads end in bursts
+    late in a round: a window cut mid-round would count transactions without their reads."""
+    def transactions() -> int:
+        return sum(b.stats["requests"] for b in buses)
+
+    await boundary.wait()
+    ok0, failed0, appended0, tx0 = obs.ok, obs.failed, journal.stats["appended"], transactions()
+    sys0 = os.times().system
     cpu0, sim0, t0, threads0 = time.process_time(), cpu_of(sim_pid), time.perf_counter(), thread_cpu()
     sink0 = {k: v() for k, v in extra.items()}
     await asyncio.sleep(duration)
+    await boundary.wait()
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
+    kernel = os.times().system - sys0
     ok, failed = obs.ok - ok0, obs.failed - failed0
     readings = journal.stats["appended"] - appended0
+    tx = transactions() - tx0
     out = {"seconds": elapsed, "reads_ok": ok, "reads_failed": failed, "reads_per_s": ok / elapsed,
            "readings_per_s": readings / elapsed, "cpu_s": cpu, "cpu_share": cpu / elapsed,
-           "cpu_us_per_read": cpu / max(ok, 1) * 1e6, "metersim_cpu_share": (cpu_of(sim_pid) - sim0) / elapsed,
+           "cpu_us_per_read": cpu / max(ok, 1) * 1e6, "transactions": tx, "transactions_per_read": tx / max(ok, 1),
+           "cpu_us_per_transaction": cpu / max(tx, 1) * 1e6,
+           "kernel_share_of_cpu": kernel / max(cpu, 1e-9), "metersim_cpu_share": (cpu_of(sim_pid) - sim0) / elapsed,
            "rss_mb": vm("VmRSS"), "peak_rss_mb": vm("VmHWM"),
            "thread_cpu_us_per_read": {name: round((t - threads0.get(name, 0.0)) / max(ok, 1) * 1e6, 1)
                                       for name, t in thread_cpu().items()}}
@@ -161,16 +179,23 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                               reader=Dlt645Reader("bench", TZ, lambda m: timing), journal=journal, observer=obs,
                               station="bench", tz=TZ)
 
+        boundary = asyncio.Event()  # set for a moment at the end of every round
+
         async def rounds() -> None:
             while not stop.is_set():
                 await scheduler.run_round(plan)
+                boundary.set()
+                boundary.clear()  # waiters already woken; the next wait is for the next round
 
         collecting = asyncio.create_task(rounds())
+        if args.tune_gc:
+            gc.collect()
+            gc.freeze()
         await asyncio.sleep(args.warmup)
         profiler = cProfile.Profile() if args.profile else None
         if profiler:
             profiler.enable()
-        phase1 = await window(args.duration, obs, journal, proc.pid, {})
+        phase1 = await window(args.duration, obs, journal, proc.pid, list(buses.values()), boundary, {})
         if profiler:
             profiler.disable()
             text = io.StringIO()
@@ -193,7 +218,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             extra = {"points": lambda: float(sink.counters["sent_lines"]), "influxd_cpu": lambda: cpu_of(influxd)}
             backlog0, appended0 = await journal.backlog(sink.cursor), journal.stats["appended"]
             tasks.append(asyncio.create_task(sink.run(journal, stop)))
-            phase2 = await window(args.duration, obs, journal, proc.pid, extra)
+            phase2 = await window(args.duration, obs, journal, proc.pid, list(buses.values()), boundary, extra)
             backlog1, appended1 = await journal.backlog(sink.cursor), journal.stats["appended"]
             phase2.update(backlog_start=backlog0, backlog_end=backlog1,
                           forwarded_per_s=(appended1 - appended0 + backlog0 - backlog1) / phase2["seconds"])
@@ -236,8 +261,9 @@ def show(r: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"scale bench: {r['meters']} meters on {r['buses']} TCP buses (metersim baud 0, ports {r['base_port']}.."
           f"{r['base_port'] + r['buses'] - 1}), items {' + '.join(r['items'])}, gap {r['gap_s'] * 1000:g} ms, "
           f"{args.duration:g} s per phase, {os.cpu_count()} CPUs, load average {r['load'][0]:.1f} at the start, "
-          f"{r['load'][1]:.1f} at the end")
-    print(f"reproduce: .venv/bin/python bench/scale.py --duration {args.duration:g}")
+          f"{r['load'][1]:.1f} at the end; event loop {r['loop']}, GC {r['gc']}")
+    flags = (" --no-influx" if args.no_influx else "") + (" --tune-gc" if args.tune_gc else "")
+    print(f"reproduce: .venv/bin/python bench/scale.py --duration {args.duration:g} --loop {r['loop']}{flags}")
     for name in ("phase1", "phase2"):
         p = r[name]
         if not p:
@@ -248,6 +274,9 @@ def show(r: dict[str, Any], args: argparse.Namespace) -> None:
         sink = "" if name == "phase1" else ", sink included"
         print(f"  CPU per successful read {p['cpu_us_per_read']:>10.1f} µs   (target <= 100{sink}; this process "
               f"{p['cpu_share']:.0%} of a core, metersim {p['metersim_cpu_share']:.0%})")
+        print(f"  CPU per bus transaction {p['cpu_us_per_transaction']:>10.1f} µs   ({p['transactions']} transactions, "
+              f"{p['transactions_per_read']:.2f} per meter read; {p['kernel_share_of_cpu']:.0%} of the CPU in the "
+              "kernel: sockets, wake-ups)")
         print(f"  by thread, µs per read  {p['thread_cpu_us_per_read']}")
         print(f"  readings into journal   {p['readings_per_s']:>10.0f} /s")
         print(f"  RSS now / peak          {p['rss_mb']:>7.0f} / {p['peak_rss_mb']:.0f} MB")
@@ -268,6 +297,36 @@ def show(r: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"\nmetersim peak RSS {r['metersim_peak_rss_mb']:.0f} MB; failures {r['failures'] or 'none'}")
 
 
+def run_one(args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement in this process, on the event loop `args.loop` names."""
+    factory = None
+    if args.loop == "uvloop":
+        import uvloop  # noqa: PLC0415 - optional (pyproject extra "fast")
+
+        factory = uvloop.new_event_loop
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="meterd-scale-") as tmp, asyncio.Runner(loop_factory=factory) as runner:
+        result = runner.run(bench(args, Path(tmp)))
+    result["load"] = (load, os.getloadavg()[0])  # other work on the machine skews wall-clock rates
+    result["loop"] = args.loop
+    result["gc"] = "frozen after set-up" if args.tune_gc else "default"
+    return result
+
+
+def run_child(args: argparse.Namespace, loop: str) -> dict[str, Any]:
+    """One measurement in a fresh process (its own peak RSS, heap and GC), as JSON."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--json", "--loop", loop]
+    for name, value in vars(args).items():
+        if name in ("json", "loop") or value in (False, None):
+            continue
+        argv += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {loop} run failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=30.0, help="seconds measured per phase")
@@ -279,17 +338,24 @@ def main() -> int:
     p.add_argument("--base-port", type=int, default=0, help="first metersim port (default: a free block)")
     p.add_argument("--no-influx", action="store_true", help="phase 1 only")
     p.add_argument("--profile", action="store_true", help="cProfile phase 1 (slows it down)")
+    p.add_argument("--loop", choices=("asyncio", "uvloop", "both"), default="asyncio",
+                   help="meterd's event loop; both: one run after the other, each in a fresh process")
+    p.add_argument("--tune-gc", action="store_true",
+                   help="gc.freeze() once everything is set up, so full collections skip the long-lived heap")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)  # a round cut short at the end logs nothing worth reading
-    load = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="meterd-scale-") as tmp:
-        result = asyncio.run(bench(args, Path(tmp)))
-    result["load"] = (load, os.getloadavg()[0])  # other work on the machine skews wall-clock rates
+    results = [run_child(args, loop) for loop in ("asyncio", "uvloop")] if args.loop == "both" else [run_one(args)]
     if args.json:
-        print(json.dumps(result, indent=1, default=str))
-    else:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=1, default=str))
+        return 0
+    for result in results:
         show(result, args)
+    if len(results) > 1:
+        a, b = (r["phase1"] for r in results)
+        print(f"\nasyncio vs uvloop, phase 1: {a['cpu_us_per_read']:.1f} vs {b['cpu_us_per_read']:.1f} µs CPU per "
+              f"read, {a['cpu_us_per_transaction']:.1f} vs {b['cpu_us_per_transaction']:.1f} µs per transaction, "
+              f"{a['reads_per_s']:.0f} vs {b['reads_per_s']:.0f} reads/s")
     return 0
 
 

@@ -6,7 +6,7 @@
 #
 # After sourcing, the current directory is the repo root and these are set:
 #   METERD_ROOT  absolute path of the repo
-#   METERD_VENV  the virtualenv (.venv), with the project installed as '.[test]'
+#   METERD_VENV  the virtualenv (.venv), with the project installed as '.[test,fast]'
 # Functions: meterd_step, meterd_quiet, meterd_setup_venv, meterd_setup_services,
 # meterd_setup (both). Every step prints one line; a failing step prints its log tail.
 
@@ -84,9 +84,9 @@ meterd_setup_venv() {
         meterd_step "python deps up to date (.venv)"
         return 0
     fi
-    meterd_step "pip install -e '.[test]'"
+    meterd_step "pip install -e '.[test,fast]'"
     PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-        meterd_quiet "$METERD_VENV/bin/python" -m pip install --quiet -e '.[test]'
+        meterd_quiet "$METERD_VENV/bin/python" -m pip install --quiet -e '.[test,fast]'
     meterd_pyproject_hash >"$stamp"
 }
 
