@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from gateway.api import ApiConfig
 from gateway.archive import ArchiveError, MeterConfig, load_csv
 from gateway.control.config import ControlConfig
+from gateway.control.secrets import SecretsError, load_groups
 from gateway.journal import JournalConfig
 from gateway.links.config import LinkConfig
 from gateway.plans import PlanConfig, parse_duration
@@ -62,7 +63,7 @@ class TimeSyncConfig(BaseModel):
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # never echo a password back
 
     station: StationConfig
     archive: Path | None = None
@@ -137,6 +138,9 @@ def load_config(path: Path) -> Config:
             config.meters = [*config.meters, *load_csv(archive)]
         except ArchiveError as exc:
             raise ConfigError(str(exc)) from exc
+    secrets = config.control.secrets_file
+    if secrets is not None and not secrets.is_absolute():
+        config.control = config.control.model_copy(update={"secrets_file": path.parent / secrets})
     if not config.station.state_dir.is_absolute():
         config.station.state_dir = (path.parent / config.station.state_dir).resolve()
     check(config, path)
@@ -166,6 +170,10 @@ def check(config: Config, path: Path) -> None:
                     find(item, edition)
                 except KeyError:
                     problems.append(f"plans ({plan.name}).items: {item!r} is not in the DL/T 645-{edition} table")
+    try:
+        load_groups(config.control)  # the secrets file too: a station should not learn of a typo at the first trip
+    except SecretsError as exc:
+        problems.append(f"control: {exc}")
     sinks = [s.name for s in config.sinks]
     problems += [f"sinks: duplicate name {n!r}" for n in sorted({n for n in sinks if sinks.count(n) > 1})]
     if problems:

@@ -200,9 +200,11 @@ class Daemon:
             await self.prepaid.start()
             self._start("prepaid", self.prepaid.run)
             api.add_routes(accounts_routes(self.prepaid))
+            api.add_section("prepaid", self.prepaid.status)
             if inbox is not None:
                 inbox.route("accounts/+/payments", payment_handler(self.prepaid))
         if inbox is not None:
+            api.add_section("inbox", lambda: dict(inbox.counters))
             self._start("inbox", inbox.run)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -259,6 +261,11 @@ class Daemon:
         m.register_gauge_callback("meterd_sink_sent", "lines a sink delivered", ("sink",),
                                   lambda: {(n, ): float(s.counters["sent_lines"]) for n, s in self.sinks.items()},
                                   kind="counter")
+        m.register_gauge_callback("meterd_control_events", "control command counters (submitted, verified...)",
+                                  ("event",), lambda: {(k,): float(v) for k, v in self.control.counters.items()},
+                                  kind="counter")
+        m.register_gauge_callback("meterd_control_open", "control commands not finished yet", (),
+                                  lambda: float(len(self.control.ledger.open)))
 
     def reload(self) -> None:
         """SIGHUP: validate the new file, then restart only what changed; a bad file changes nothing."""

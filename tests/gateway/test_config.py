@@ -78,3 +78,21 @@ def test_check_config_command(tmp_path):
     result = subprocess.run([METERD, "check-config", str(bad)], capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert "plans[0] (p).at" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_control_secrets_file_is_beside_the_config_and_checked_without_echoing_passwords(tmp_path):
+    secrets = tmp_path / "secrets.toml"
+    secrets.write_text('[groups.default]\nlevel = 4\npassword = "123456"\noperator = "00000001"\n')
+    secrets.chmod(0o600)
+    config = load_config(write(tmp_path, BASE + '\n[control]\nsecrets_file = "secrets.toml"\n'))
+    assert config.control.secrets_file == tmp_path / "secrets.toml"
+
+    secrets.write_text('[groups.default]\nlevel = 4\npassword = "12x456"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, BASE + '\n[control]\nsecrets_file = "secrets.toml"\n'))
+    assert "secrets.toml" in str(caught.value) and "12x456" not in str(caught.value)
+
+    inline = BASE + '\n[control.groups.default]\npassword = "98765x"\n'
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, inline))
+    assert "control.groups" in str(caught.value) and "98765x" not in str(caught.value)

@@ -122,5 +122,7 @@ def test_sigkill_at_every_state_loses_nothing_and_repeats_nothing(tmp_path: Path
         assert again["id"] == delayed["id"] and again["state"] == "verified"
         time.sleep(1.0)
         assert accepted(sim, DELAYED) == 1
+        assert "meterd_control_open 0.0" in meterd.metrics()
+        assert meterd.status()["control"]["duplicates"] == 1
         listed = json.loads(meterd.http(f"/api/v1/meters/{DELAYED}/commands")[1])["commands"]
         assert [c["id"] for c in listed] == [delayed["id"]]
