@@ -150,6 +150,8 @@ class Registers:
         registers = moment.energy
         if registers is None:
             registers = moment.energy = m.registers_at(moment.real)
+        if tariff >= len(registers):  # a tariff the meter does not have: the meter says "no data", not silence
+            raise NoData
         active = registers[tariff]
         pf = m.pf
         share = 1.0 if not phase else (1.0 if m.phases == 1 and phase == "a" else

@@ -120,6 +120,8 @@ def test_meter_without_data_answers_no_data(meter):
     reply = ask(meter, read_request(ADDR, 0x02809999))
     assert reply is not None and reply.error == Error2007.NO_DATA
     assert ask(meter, read_request("000000000099", 0x00010000)) is None  # not addressed: silence
+    beyond = ask(meter, read_request(ADDR, 0x00010900))  # tariff 9 of a 4-tariff meter
+    assert beyond is not None and beyond.error == Error2007.NO_DATA
 
 
 def test_identity_clock_and_events(meter):
