@@ -3,7 +3,10 @@
     .venv/bin/python bench/scale.py                      # 30 s per phase, 100 buses x 100 meters
     .venv/bin/python bench/scale.py --duration 10 --no-influx --profile   # phase 1 only, with cProfile
     .venv/bin/python bench/scale.py --loop both          # asyncio, then uvloop (extra "fast"), each in a fresh process
-    .venv/bin/python bench/scale.py --tune-gc            # gc.freeze() once set up (full collections skip it)
+    .venv/bin/python bench/scale.py --no-tune-gc         # CPython's default GC instead of the daemon's tune_gc()
+
+By default it runs as `meterd run` does (gateway/runtime.py): uvloop when installed, and the GC
+tuned once everything is set up (gc.freeze(), gen-0 threshold raised).
 
 metersim runs in a subprocess (`metersim serve --fleet`, a temp fleet file like config/fleet-large.toml:
 `repeat = 100` buses of 100 meters on consecutive 127.0.0.1 ports, `baud = 0`: instant answers). This
@@ -25,7 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import gc
 import io
 import json
 import logging
@@ -55,6 +57,7 @@ from gateway.logs import MeterLog
 from gateway.model import Outcome
 from gateway.plans import PlanConfig
 from gateway.reader import Dlt645Reader
+from gateway.runtime import GEN0_THRESHOLD, loop_factory, tune_gc
 from gateway.scheduler import Scheduler
 from gateway.sinks import InfluxSink, InfluxSinkConfig
 from gateway.stats import CollectionStats
@@ -188,9 +191,8 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 boundary.clear()  # waiters already woken; the next wait is for the next round
 
         collecting = asyncio.create_task(rounds())
-        if args.tune_gc:
-            gc.collect()
-            gc.freeze()
+        if args.tune_gc:  # as `meterd run` does once its parts exist
+            tune_gc(args.gen0 or None)
         await asyncio.sleep(args.warmup)
         profiler = cProfile.Profile() if args.profile else None
         if profiler:
@@ -262,7 +264,8 @@ def show(r: dict[str, Any], args: argparse.Namespace) -> None:
           f"{r['base_port'] + r['buses'] - 1}), items {' + '.join(r['items'])}, gap {r['gap_s'] * 1000:g} ms, "
           f"{args.duration:g} s per phase, {os.cpu_count()} CPUs, load average {r['load'][0]:.1f} at the start, "
           f"{r['load'][1]:.1f} at the end; event loop {r['loop']}, GC {r['gc']}")
-    flags = (" --no-influx" if args.no_influx else "") + (" --tune-gc" if args.tune_gc else "")
+    flags = (" --no-influx" if args.no_influx else "") + ("" if args.tune_gc else " --no-tune-gc") + \
+        (f" --gen0 {args.gen0}" if args.tune_gc and args.gen0 != GEN0_THRESHOLD else "")
     print(f"reproduce: .venv/bin/python bench/scale.py --duration {args.duration:g} --loop {r['loop']}{flags}")
     for name in ("phase1", "phase2"):
         p = r[name]
@@ -299,17 +302,14 @@ def show(r: dict[str, Any], args: argparse.Namespace) -> None:
 
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement in this process, on the event loop `args.loop` names."""
-    factory = None
-    if args.loop == "uvloop":
-        import uvloop  # noqa: PLC0415 - optional (pyproject extra "fast")
-
-        factory = uvloop.new_event_loop
+    factory = loop_factory(args.loop)
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="meterd-scale-") as tmp, asyncio.Runner(loop_factory=factory) as runner:
         result = runner.run(bench(args, Path(tmp)))
     result["load"] = (load, os.getloadavg()[0])  # other work on the machine skews wall-clock rates
-    result["loop"] = args.loop
-    result["gc"] = "frozen after set-up" if args.tune_gc else "default"
+    result["loop"] = "asyncio" if factory is None else "uvloop"
+    result["gc"] = f"tuned after set-up (frozen, gen-0 threshold {args.gen0 or 'default'})" if args.tune_gc \
+        else "default"
     return result
 
 
@@ -317,7 +317,10 @@ def run_child(args: argparse.Namespace, loop: str) -> dict[str, Any]:
     """One measurement in a fresh process (its own peak RSS, heap and GC), as JSON."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--json", "--loop", loop]
     for name, value in vars(args).items():
-        if name in ("json", "loop") or value in (False, None):
+        if name in ("json", "loop") or value is None or (value is False and name != "tune_gc"):
+            continue
+        if name == "tune_gc":
+            argv += [] if value else ["--no-tune-gc"]
             continue
         argv += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -338,10 +341,13 @@ def main() -> int:
     p.add_argument("--base-port", type=int, default=0, help="first metersim port (default: a free block)")
     p.add_argument("--no-influx", action="store_true", help="phase 1 only")
     p.add_argument("--profile", action="store_true", help="cProfile phase 1 (slows it down)")
-    p.add_argument("--loop", choices=("asyncio", "uvloop", "both"), default="asyncio",
-                   help="meterd's event loop; both: one run after the other, each in a fresh process")
-    p.add_argument("--tune-gc", action="store_true",
-                   help="gc.freeze() once everything is set up, so full collections skip the long-lived heap")
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop", "both"), default="auto",
+                   help="meterd's event loop (auto: uvloop when installed, as meterd run); both: asyncio, then "
+                        "uvloop, each in a fresh process")
+    p.add_argument("--no-tune-gc", dest="tune_gc", action="store_false",
+                   help="CPython's default GC instead of the daemon's runtime.tune_gc() once set up")
+    p.add_argument("--gen0", type=int, default=GEN0_THRESHOLD,
+                   help="gen-0 threshold tune_gc sets (0: only gc.freeze())")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)  # a round cut short at the end logs nothing worth reading

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -15,6 +14,10 @@ def add_parsers(sub: Any) -> None:
     run.add_argument("--config", "-c", type=Path, required=True, help="the TOML configuration")
     run.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     run.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    run.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"),
+                     help="event loop (auto: uvloop when the extra 'fast' is installed)")
+    run.add_argument("--no-tune-gc", dest="tune_gc", action="store_false",
+                     help="keep CPython's default garbage-collector settings (see gateway/runtime.py)")
     run.set_defaults(handler=run_daemon)
     check = sub.add_parser("check-config", help="validate a configuration without touching hardware")
     check.add_argument("config", type=Path)
@@ -44,6 +47,12 @@ def run_daemon(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    from gateway import runtime  # noqa: PLC0415
     from gateway.daemon import Daemon  # noqa: PLC0415  (the daemon's imports are only needed to run it)
 
-    return asyncio.run(Daemon(config, args.config).run())
+    daemon = Daemon(config, args.config)
+    if args.tune_gc:  # modules, configuration and the meter archive exist now: freeze them
+        runtime.tune_gc()
+    logging.getLogger(__name__).info("event loop %s, garbage collector %s", runtime.loop_name(args.loop),
+                                     "tuned" if args.tune_gc else "default")
+    return runtime.run(daemon.run(), loop=args.loop)
