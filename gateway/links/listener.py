@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 from gateway.links.base import RECONNECT_MAX, RECONNECT_MIN, Link, LinkDown, Reconnecting, log
 from gateway.links.tcp import Matcher, enable_keepalive, render, strip_heartbeats
@@ -72,7 +72,7 @@ class _PeerSocket(asyncio.Protocol):
         self._timers: list[asyncio.TimerHandle] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         owner = self.listener
         self.transport = transport
         peer = transport.get_extra_info("peername")
