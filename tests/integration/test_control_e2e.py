@@ -126,3 +126,28 @@ def test_sigkill_at_every_state_loses_nothing_and_repeats_nothing(tmp_path: Path
         assert meterd.status()["control"]["duplicates"] == 1
         listed = json.loads(meterd.http(f"/api/v1/meters/{DELAYED}/commands")[1])["commands"]
         assert [c["id"] for c in listed] == [delayed["id"]]
+
+
+def test_allow_close_waits_for_the_button_and_a_routine_poll_notices_the_closure(tmp_path: Path) -> None:
+    """The customer's side of allow_close: pressed through metersim's API, seen by meterd's own polls."""
+    sim_api, line, api = free_tcp_ports(3)
+    sim = Metersim(tmp_path / "sim", fleet(sim_api, line))
+    config = daemon_config(tmp_path, api, line)
+    config["plans"] = [{"name": "relay", "items": ["status_word_3"], "every": "2s", "meters": [QUEUED]}]
+    meterd = Meterd(tmp_path / "meterd", config)
+    with processes(sim, meterd):
+        sim.start()
+        meterd.start()
+        trip = submit(meterd, QUEUED, "trip", "t-1")
+        in_state(meterd, trip["id"], "verified")
+        allow = submit(meterd, QUEUED, "allow_close", "a-1")
+        waiting = in_state(meterd, allow["id"], "verified")
+        assert waiting["detail"] == "close allowed, waiting for the customer"
+        assert sim.meter(QUEUED)["relay"]["open"] is True  # nothing closes it but the customer
+
+        status, raw = http_request("POST", f"{sim.api_url}/meters/{QUEUED}/button", b"{}")
+        assert status == 200, raw
+        closed = meterd.wait(lambda: (c := command(meterd, allow["id"]))["detail"] == "closed by the customer" and c,
+                             15, "the routine poll to notice the closure")
+        assert closed["state"] == "verified" and closed["relay"]["relay_open"] is False
+        assert accepted(sim, QUEUED) == 2  # the trip and the allow_close; the closure was the customer's
