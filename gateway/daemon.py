@@ -87,6 +87,8 @@ class Daemon:
         self._parts: dict[str, asyncio.Event] = {}
         self.api: ApiServer | None = None
         self.clock_watch = ClockWatch(lambda: self.config, self.bus_for, self.timing_for)
+        # one reader for the daemon's life: its memory of meters that refuse block reads survives reloads
+        self.reader = Dlt645Reader(config.station.name, config.tz, self.timing_for)
         self.control = Control(config.control, self.journal, station=config.station.name, tz=config.tz,
                                meter_for=self.meter_for, bus_for=self.bus_for, timing_for=self.timing_for)
         self.prepaid = Prepaid(config.prepaid, self.journal, self.control, station=config.station.name,
@@ -176,7 +178,7 @@ class Daemon:
 
     def start_scheduler(self) -> None:
         config = self.config
-        reader = Dlt645Reader(config.station.name, config.tz, self.timing_for)
+        reader = self.reader
         scheduler = Scheduler(config.plans, {p.name: config.plan_meters(p) for p in config.plans},
                               bus_for=self.bus_for, reader=reader, journal=self.journal,
                               observer=self.observer(), station=config.station.name, tz=config.tz)
@@ -263,6 +265,9 @@ class Daemon:
                                   kind="counter")
         m.register_gauge_callback("meterd_control_events", "control command counters (submitted, verified...)",
                                   ("event",), lambda: {(k,): float(v) for k, v in self.control.counters.items()},
+                                  kind="counter")
+        m.register_gauge_callback("meterd_reader_events", "block reads merged from single items, and fallbacks",
+                                  ("event",), lambda: {(k,): float(v) for k, v in self.reader.stats.items()},
                                   kind="counter")
         m.register_gauge_callback("meterd_control_open", "control commands not finished yet", (),
                                   lambda: float(len(self.control.ledger.open)))
