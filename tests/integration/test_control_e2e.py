@@ -16,6 +16,8 @@ How each state is held long enough to be hit:
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from tests.integration.daemon_harness import Meterd, Metersim, processes
 from tests.server_process import free_tcp_ports, http_request
 
 pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
 
 DELAYED, LATE, QUEUED = "000000000501", "000000000502", "000000000503"
 METERS = [DELAYED, LATE, QUEUED, "000000000504"]
@@ -151,3 +154,9 @@ def test_allow_close_waits_for_the_button_and_a_routine_poll_notices_the_closure
                              15, "the routine poll to notice the closure")
         assert closed["state"] == "verified" and closed["relay"]["relay_open"] is False
         assert accepted(sim, QUEUED) == 2  # the trip and the allow_close; the closure was the customer's
+
+        # the field engineer's way: `meterd control ... --wait` follows the command until it ends
+        result = subprocess.run([str(BIN / "meterd"), "control", QUEUED, "trip", "--reason", "test", "--wait",
+                                 "--url", meterd.api], capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "verified" in result.stdout and sim.meter(QUEUED)["relay"]["open"] is True
