@@ -25,7 +25,7 @@ COUNTERS = ("submitted", "duplicates", "rejected", "superseded", "expired", "fai
             "dry_run",
             "refused_quiet_hours", "refused_hold", "refused_rate", "rate_deferred", "quiet_deferred",
             "frames_sent", "resends", "status_reads", "status_read_failures", "customer_closures",
-            "changes_dropped", "lane_crashes",
+            "changes_dropped", "lane_crashes", "pruned_commands", "pruned_events",
             *(f"failed_{r}" for r in FailReason))
 TERMINAL_COUNTER = {State.SUPERSEDED: "superseded", State.EXPIRED: "expired", State.FAILED: "failed",
                     State.VERIFIED: "verified", State.DRY_RUN: "dry_run", State.ACKNOWLEDGED: "acknowledged"}

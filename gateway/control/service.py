@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import copy
 import logging
 import time
@@ -43,12 +44,13 @@ from gateway.control.model import (
 )
 from gateway.control.secrets import Passwords, load_groups
 from gateway.control.wire import STATUS_NAME
-from gateway.journal import Journal
+from gateway.journal import Journal, JournalError
 from gateway.model import Reading
 from protocols.dlt645 import AddressError, RelayStatus, normalize
 
 log = logging.getLogger("gateway.control")
 MAX_REQUEST_ID = 200
+PRUNE_EVERY = 3600.0  # s between retention passes over the control tables
 RESTART_BACKOFF = (1.0, 60.0)  # s: a crashed lane is restarted after this, doubling
 
 
@@ -101,13 +103,31 @@ class Control:
         try:
             for lane in self._lanes.values():
                 self._wake(lane)
-            await stop.wait()
+            while not stop.is_set():
+                await self.prune()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), PRUNE_EVERY)
         finally:
             self._running = False
             tasks = [lane.task for lane in self._lanes.values() if lane.task is not None] + list(self._tasks)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def prune(self) -> None:
+        """Retention: finished commands and their audit trail are kept for the journal's retention_days
+        (at least twice max_valid_for, so idempotency outlives every deadline); what goes is counted."""
+        keep = max(self.journal.config.retention_days * 86400.0, 2 * self.config.max_valid_for)
+        try:
+            commands, events = await self.journal.write(store.prune, self.clock() - keep)
+        except JournalError as exc:
+            log.warning("control: retention pass failed (retrying later): %s", exc)
+            return
+        self.counters["pruned_commands"] += commands
+        self.counters["pruned_events"] += events
+        if commands or events:
+            log.info("control: retention dropped %d finished command(s) and %d audit event(s) older than %.0f days",
+                     commands, events, keep / 86400)
 
     # ---- commands ----
 

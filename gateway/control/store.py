@@ -182,3 +182,17 @@ def events_of(conn: sqlite3.Connection, command_id: str) -> list[dict[str, Any]]
     """A command's audit trail, oldest first."""
     rows = conn.execute("SELECT data FROM control_events WHERE command = ? ORDER BY seq", (command_id,))
     return [json.loads(r[0]) for r in rows.fetchall()]
+
+
+def prune(conn: sqlite3.Connection, before: float) -> tuple[int, int]:
+    """Forget finished commands last changed before `before`, and their audit trails (whole).
+
+    Open commands are never forgotten, whatever their age. A request_id is remembered as long
+    as its command is: keep `before` well past `max_valid_for`, so a repeated request can only
+    come back after its command could no longer have been sent anyway.
+    """
+    commands = conn.execute(
+        f"DELETE FROM commands WHERE state NOT IN ({_OPEN}) AND "  # noqa: S608
+        "json_extract(data, '$.updated') < ?", (*OPEN_STATES, before)).rowcount
+    events = conn.execute("DELETE FROM control_events WHERE command NOT IN (SELECT id FROM commands)").rowcount
+    return commands, events

@@ -145,6 +145,13 @@ async def test_store_submit_supersede_and_event_stream(tmp_path):
         assert await journal.read(store.events_backlog, "sink:x") == 2
         assert await journal.read(store.events_backlog, "sink:other") == 4
 
+        # retention forgets the finished trip and its trail, never an open command or its events
+        assert await journal.write(store.prune, 2.5) == (0, 0)  # the trip changed last at 3.0
+        assert await journal.write(store.prune, 1e9) == (1, 2)
+        assert await journal.read(store.get, trip.id) is None
+        assert [c.id for c in await journal.read(store.open_commands)] == [alarm.id, done.command.id]
+        assert {e["request_id"] for _, e in await journal.read(store.read_events, "sink:other", 100)} == {"b", "c"}
+
 
 async def test_a_slow_subscriber_loses_changes_counted_never_blocks(tmp_path):
     async with Journal(tmp_path / "j.sqlite") as journal:
