@@ -44,7 +44,15 @@ class Row:
 
 def parse(body: str, prepaid: Prepaid) -> list[Row]:
     """Check every line (addresses, known meters, numbers); BadImport lists all that are wrong."""
-    reader = csv.DictReader(io.StringIO(body.lstrip("\ufeff")), skipinitialspace=True)
+    # newline="": the csv module sees CR, LF and CRLF line ends itself (Excel exports CRLF, old Macs CR)
+    reader = csv.DictReader(io.StringIO(body.lstrip("\ufeff"), newline=""), skipinitialspace=True)
+    try:
+        return _parse(reader, prepaid)
+    except csv.Error as exc:  # malformed quoting and the like: still a refusal that names the line
+        raise BadImport([f"line {reader.line_num}: not CSV: {exc}"]) from None
+
+
+def _parse(reader: csv.DictReader[str], prepaid: Prepaid) -> list[Row]:
     header = [h.strip() for h in (reader.fieldnames or [])]
     if not header:
         raise BadImport(["line 1: the file is empty (a header line is needed: " + ", ".join(COLUMNS) + ")"])
