@@ -122,6 +122,21 @@ class Journal:
         await self._ensure_cursor(READINGS, cursor)
         return await self._read(store.read_batch, cursor, limit)
 
+    async def read_rows(self, cursor: str, limit: int, encode: Callable[[list[store.Row]], T],
+                        after: int | None = None) -> tuple[int, int, T]:
+        """Like read_batch for a sink that encodes journal rows itself: `encode` gets the rows (id, then
+        journal_store.COLUMNS) in the reader thread, so no `Reading` is built and the event loop does
+        none of the work. `after`: read past this id instead of the cursor (the next batch, read while the
+        previous one is still being sent). Returns (rows read, last id or 0, encode(rows))."""
+        await self._ensure_cursor(READINGS, cursor)
+
+        def rows_after(conn: sqlite3.Connection) -> tuple[int, int, T]:
+            start = store.position(conn, READINGS, cursor) if after is None else after
+            rows = conn.execute(store.READ_BATCH, (start, limit)).fetchall()
+            return len(rows), rows[-1][0] if rows else 0, encode(rows)
+
+        return await self._read(rows_after)
+
     async def advance(self, cursor: str, upto_id: int) -> None:
         """Durably mark everything up to upto_id as forwarded by this sink (never moves back)."""
         await self._submit("advance", args=(READINGS, cursor, upto_id))

@@ -20,7 +20,8 @@ import logging
 import random
 import time
 from collections import deque
-from typing import Any, Generic, Literal, Protocol, TypedDict, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, Literal, NamedTuple, Protocol, TypedDict, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 BACKLOG_EVERY = 2.0  # s between backlog counts while a sink is catching up
 
 Unit = TypeVar("Unit")
+T = TypeVar("T")
+Rows = list[tuple[Any, ...]]  # journal rows: id, then gateway.journal_store.COLUMNS
 State = Literal["ok", "retrying", "unauthorized", "stopped"]
 RETRY_AFTER_CAP = 600.0
 
@@ -43,6 +46,22 @@ class Journal(Protocol):
     async def backlog(self, cursor: str) -> int: ...
     async def read_rounds(self, cursor: str, limit: int) -> list[tuple[int, RoundStats]]: ...
     async def advance_rounds(self, cursor: str, upto_id: int) -> None: ...
+
+
+@runtime_checkable
+class RowJournal(Protocol):
+    """A journal that hands a sink its rows to encode where it reads them (gateway.journal.Journal)."""
+
+    async def read_rows(self, cursor: str, limit: int, encode: Callable[[Rows], T],
+                        after: int | None = None) -> tuple[int, int, T]: ...
+
+
+class Batch(NamedTuple, Generic[Unit]):
+    """Readings read and encoded: how many entries, the last id (what the cursor moves to) and the units."""
+
+    entries: int
+    last: int
+    units: list[Unit]
 
 
 class SinkSettings(BaseModel):
@@ -135,10 +154,17 @@ class Sink(abc.ABC, Generic[Unit]):
         self._journal: Journal | None = None  # while run() forwards from it: keeps `backlog` fresh during retries
         self._control: ControlEvents | None = None  # the journal's control stream, when it has one
         self._counted = 0.0  # monotonic time of the last backlog count
+        self._ahead: asyncio.Future[Batch[Unit]] | None = None  # the next readings, read while a batch is sent
 
     # --- what a sink kind provides -----------------------------------------------------------
     @abc.abstractmethod
     def encode_readings(self, readings: list[Reading]) -> list[Unit]: ...
+
+    def row_encoder(self) -> Callable[[Rows], list[Unit]] | None:
+        """Journal rows -> the units `encode_readings` gives for their readings, or None (readings only).
+
+        It runs in the journal's reader thread: no event loop, no state of the sink."""
+        return None
 
     @abc.abstractmethod
     def encode_rounds(self, rounds: list[RoundStats]) -> list[Unit]: ...
@@ -173,42 +199,70 @@ class Sink(abc.ABC, Generic[Unit]):
         try:
             await self.open()
             while not stop.is_set():
-                more = await self._forward(journal, stop, rounds=True)
+                more = await self._forward_rounds(journal, stop)
                 more = await self._forward_control(stop) or more  # few, and people wait for them
-                more = await self._forward(journal, stop, rounds=False) or more
+                more = await self._forward_readings(journal, stop) or more
                 if not more:
                     self.counters["backlog"] = await journal.backlog(self.cursor)
                     await self._count_control()
                     await self.pause(stop, self.settings.flush_interval)
         finally:
+            self._drop_ahead()
             self.counters["state"] = "stopped"
             await self.close()
 
-    async def _forward(self, journal: Journal, stop: asyncio.Event, *, rounds: bool) -> bool:
-        """Send one batch; True when it was full (more is probably waiting)."""
+    async def _forward_rounds(self, journal: Journal, stop: asyncio.Event) -> bool:
+        """Send one batch of round statistics; True when it was full (more is probably waiting)."""
         limit = self.settings.batch_lines
-        units: list[Unit]
-        if rounds:
-            stats = await journal.read_rounds(self.cursor, limit)
-            entries = [i for i, _ in stats]
-            units = self.encode_rounds([s for _, s in stats]) if stats else []
-        else:
-            readings = await journal.read_batch(self.cursor, limit)
-            entries = [i for i, _ in readings]
-            units = self.encode_readings([r for _, r in readings]) if readings else []
-        if not entries or not await self.deliver(units, stop):
+        stats = await journal.read_rounds(self.cursor, limit)
+        if not stats or not await self.deliver(self.encode_rounds([s for _, s in stats]), stop):
             return False
-        if rounds:
-            await journal.advance_rounds(self.cursor, max(entries))
-        else:
-            await journal.advance(self.cursor, max(entries))
-            now = time.monotonic()
-            if len(entries) < limit:
-                self.counters["backlog"] = 0  # caught up with what was there
-            elif now - self._counted >= BACKLOG_EVERY:  # counting costs O(backlog): not after every batch
-                self._counted = now
-                self.counters["backlog"] = await journal.backlog(self.cursor)
-        return len(entries) >= limit
+        await journal.advance_rounds(self.cursor, max(i for i, _ in stats))
+        return len(stats) >= limit
+
+    async def _forward_readings(self, journal: Journal, stop: asyncio.Event) -> bool:
+        """Send one batch of readings; True when it was full.
+
+        With a RowJournal the rows are encoded in the journal's reader thread, and after a full batch the
+        next one is read and encoded while this one is sent (two stages, two threads): the cursor still
+        moves strictly in order, and only once the server has taken (or dropped) the whole batch."""
+        limit = self.settings.batch_lines
+        ahead, self._ahead = self._ahead, None
+        batch = await ahead if ahead is not None else await self._read_readings(journal, limit, None)
+        if not batch.entries:
+            return False
+        full = batch.entries >= limit
+        if full and isinstance(journal, RowJournal) and self.row_encoder() is not None:
+            self._ahead = asyncio.ensure_future(self._read_readings(journal, limit, batch.last))
+        if not await self.deliver(batch.units, stop):
+            self._drop_ahead()
+            return False
+        await journal.advance(self.cursor, batch.last)
+        now = time.monotonic()
+        if not full:
+            self.counters["backlog"] = 0  # caught up with what was there
+        elif now - self._counted >= BACKLOG_EVERY:  # counting costs O(backlog): not after every batch
+            self._counted = now
+            self.counters["backlog"] = await journal.backlog(self.cursor)
+        return full
+
+    async def _read_readings(self, journal: Journal, limit: int, after: int | None) -> Batch[Unit]:
+        """The readings after `after` (None: after the cursor), encoded."""
+        encoder = self.row_encoder()
+        if encoder is not None and isinstance(journal, RowJournal):
+            entries, last, units = await journal.read_rows(self.cursor, limit, encoder, after)
+            return Batch(entries, last, units)
+        readings = await journal.read_batch(self.cursor, limit)
+        if not readings:
+            return Batch(0, 0, [])
+        return Batch(len(readings), max(i for i, _ in readings), self.encode_readings([r for _, r in readings]))
+
+    def _drop_ahead(self) -> None:
+        """Forget a batch read ahead (its batch was not sent): it is read again from the cursor."""
+        if self._ahead is not None:
+            self._ahead.cancel()
+            self._ahead.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved"
+            self._ahead = None
 
     async def _forward_control(self, stop: asyncio.Event) -> bool:
         """Send one batch of control events; True when it was full. A failure to read them is logged

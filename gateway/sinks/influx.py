@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import gzip
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,9 +25,9 @@ from influxdb_client.rest import ApiException
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway.model import Reading, RoundStats
-from gateway.sinks.base import Sink, SinkSettings, WriteFailure, parse_retry_after
+from gateway.sinks.base import Rows, Sink, SinkSettings, WriteFailure, parse_retry_after
 from gateway.sinks.control import control_line, encode_each
-from gateway.sinks.lineproto import reading_lines, round_lines
+from gateway.sinks.lineproto import reading_lines, round_lines, row_lines
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ class InfluxSink(Sink[str]):
 
     def encode_readings(self, readings: list[Reading]) -> list[str]:
         return reading_lines(readings)
+
+    def row_encoder(self) -> Callable[[Rows], list[str]]:
+        return row_lines
 
     def encode_rounds(self, rounds: list[RoundStats]) -> list[str]:
         return round_lines(rounds)
