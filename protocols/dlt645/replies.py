@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import IntFlag
 from typing import NamedTuple
 
@@ -106,6 +107,11 @@ def decode(frame: Frame, edition: int | None = None, *, tariffs: int = 4) -> Rep
             if len(payload) == field.fmt.width:
                 values = {field.name: field.quantity(payload)}
                 return _new(Reply, (address, control, 2007, di, values, None, False, None, payload, item, True))
+        elif item is not None and item.members:  # a block read in one frame (energy, voltages)
+            payload = data[4:]
+            values, used, complete = _block(item, payload, 2007, tariffs, nested=False)
+            return _new(Reply, (address, control, 2007, di, values, None, False, None, payload, item,
+                                complete and used == len(payload)))
     return _decode(frame, edition or edition_of(frame), tariffs)
 
 
@@ -163,11 +169,53 @@ def decode_item(item: DataItem | None, di: int, payload: bytes, edition: int, ta
     return Decoded(values, complete and used == len(payload))
 
 
+# One field of a flat block: its name, where it starts and ends in the payload, and how to decode it.
+Slot = tuple[str, int, int, Callable[[bytes], Quantity]]
+# Per member of a flat block: the payload offset where the member ends, and its fields.
+Layout = tuple[tuple[int, tuple[Slot, ...]], ...]
+_LAYOUTS: dict[tuple[int, int, int], Layout | None] = {}  # (block DI, edition, members used) -> layout
+
+
+def _layout(item: DataItem, members: tuple[int, ...], edition: int) -> Layout | None:
+    """Where every field of a block of plain, known members sits; None for nested or unknown members.
+
+    The table is data that never changes, so this is worked out once per block and member count,
+    not per reply (the member lookups and width sums were most of a block decode)."""
+    key = (item.di, edition, len(members))
+    if key in _LAYOUTS:
+        return _LAYOUTS[key]
+    layout: list[tuple[int, tuple[Slot, ...]]] = []
+    pos = 0
+    for di in members:
+        member = lookup(di, edition)
+        if member is None or member.members:
+            _LAYOUTS[key] = None
+            return None
+        slots = []
+        for f in member.fields:
+            slots.append((f.name, pos, pos + f.fmt.width, f.quantity))
+            pos += f.fmt.width
+        layout.append((pos, tuple(slots)))
+    _LAYOUTS[key] = result = tuple(layout)
+    return result
+
+
 def _block(item: DataItem, payload: bytes, edition: int, tariffs: int, *,
            nested: bool) -> tuple[dict[str, Quantity], int, bool]:
     """Decode the members back to back; an open-ended block stops when the payload does."""
     values: dict[str, Quantity] = {}
     members = item.members if item.fixed or not nested else item.members[: tariffs + 1]
+    layout = _layout(item, members, edition)
+    if layout is not None:  # the same result as the loop below, from the precomputed offsets
+        size = len(payload)
+        pos = 0
+        for end, slots in layout:
+            if end > size:
+                return values, pos, (not item.fixed and pos == size and pos > 0)
+            for name, start, stop, quantity in slots:
+                values[name] = quantity(payload[start:stop])
+            pos = end
+        return values, pos, True
     pos = 0
     for di in members:
         member = lookup(di, edition)
