@@ -21,7 +21,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Generic, Literal, NamedTuple, Protocol, TypedDict, TypeVar, runtime_checkable
+from typing import Any, Generic, Literal, Protocol, TypedDict, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,8 +34,10 @@ BACKLOG_EVERY = 2.0  # s between backlog counts while a sink is catching up
 Unit = TypeVar("Unit")
 T = TypeVar("T")
 Rows = list[tuple[Any, ...]]  # journal rows: id, then gateway.journal_store.COLUMNS
+Batch = tuple[int, int, list[Unit]]  # readings read and encoded: how many, the last id, the units
 State = Literal["ok", "retrying", "unauthorized", "stopped"]
 RETRY_AFTER_CAP = 600.0
+ADVANCES_IN_FLIGHT = 8  # cursor moves queued for the journal's next commit while later batches are sent
 
 
 class Journal(Protocol):
@@ -54,14 +56,6 @@ class RowJournal(Protocol):
 
     async def read_rows(self, cursor: str, limit: int, encode: Callable[[Rows], T],
                         after: int | None = None) -> tuple[int, int, T]: ...
-
-
-class Batch(NamedTuple, Generic[Unit]):
-    """Readings read and encoded: how many entries, the last id (what the cursor moves to) and the units."""
-
-    entries: int
-    last: int
-    units: list[Unit]
 
 
 class SinkSettings(BaseModel):
@@ -155,6 +149,7 @@ class Sink(abc.ABC, Generic[Unit]):
         self._control: ControlEvents | None = None  # the journal's control stream, when it has one
         self._counted = 0.0  # monotonic time of the last backlog count
         self._ahead: asyncio.Future[Batch[Unit]] | None = None  # the next readings, read while a batch is sent
+        self._advancing: deque[asyncio.Future[None]] = deque()  # cursor moves not committed yet, oldest first
 
     # --- what a sink kind provides -----------------------------------------------------------
     @abc.abstractmethod
@@ -162,7 +157,6 @@ class Sink(abc.ABC, Generic[Unit]):
 
     def row_encoder(self) -> Callable[[Rows], list[Unit]] | None:
         """Journal rows -> the units `encode_readings` gives for their readings, or None (readings only).
-
         It runs in the journal's reader thread: no event loop, no state of the sink."""
         return None
 
@@ -208,6 +202,8 @@ class Sink(abc.ABC, Generic[Unit]):
                     await self.pause(stop, self.settings.flush_interval)
         finally:
             self._drop_ahead()
+            await asyncio.gather(*self._advancing, return_exceptions=True)  # moves already earned: keep them
+            self._advancing.clear()
             self.counters["state"] = "stopped"
             await self.close()
 
@@ -221,23 +217,24 @@ class Sink(abc.ABC, Generic[Unit]):
         return len(stats) >= limit
 
     async def _forward_readings(self, journal: Journal, stop: asyncio.Event) -> bool:
-        """Send one batch of readings; True when it was full.
-
-        With a RowJournal the rows are encoded in the journal's reader thread, and after a full batch the
-        next one is read and encoded while this one is sent (two stages, two threads): the cursor still
-        moves strictly in order, and only once the server has taken (or dropped) the whole batch."""
+        """Send one batch of readings; True when it was full. With a RowJournal, rows are encoded in the
+        journal's reader thread and after a full batch the next one is read while this one is sent. The
+        cursor moves in order, only once the server took (or dropped) the whole batch, but the next batch
+        does not wait for that move's commit (commits are spaced by the journal's commit window): a crash
+        before it commits sends the batch again, which at-least-once allows."""
         limit = self.settings.batch_lines
         ahead, self._ahead = self._ahead, None
-        batch = await ahead if ahead is not None else await self._read_readings(journal, limit, None)
-        if not batch.entries:
+        entries, last, units = await ahead if ahead is not None else await self._read_readings(journal, limit, None)
+        if not entries:
             return False
-        full = batch.entries >= limit
+        full = entries >= limit
         if full and isinstance(journal, RowJournal) and self.row_encoder() is not None:
-            self._ahead = asyncio.ensure_future(self._read_readings(journal, limit, batch.last))
-        if not await self.deliver(batch.units, stop):
+            self._ahead = asyncio.ensure_future(self._read_readings(journal, limit, last))
+        if not await self.deliver(units, stop):
             self._drop_ahead()
             return False
-        await journal.advance(self.cursor, batch.last)
+        self._advancing.append(asyncio.ensure_future(journal.advance(self.cursor, last)))
+        await self._advanced(ADVANCES_IN_FLIGHT if self._ahead is not None else 0)
         now = time.monotonic()
         if not full:
             self.counters["backlog"] = 0  # caught up with what was there
@@ -247,15 +244,21 @@ class Sink(abc.ABC, Generic[Unit]):
         return full
 
     async def _read_readings(self, journal: Journal, limit: int, after: int | None) -> Batch[Unit]:
-        """The readings after `after` (None: after the cursor), encoded."""
+        """The readings after `after` (None: after the cursor, once every move of it is committed), encoded."""
+        if after is None:
+            await self._advanced()
         encoder = self.row_encoder()
         if encoder is not None and isinstance(journal, RowJournal):
-            entries, last, units = await journal.read_rows(self.cursor, limit, encoder, after)
-            return Batch(entries, last, units)
+            return await journal.read_rows(self.cursor, limit, encoder, after)
         readings = await journal.read_batch(self.cursor, limit)
         if not readings:
-            return Batch(0, 0, [])
-        return Batch(len(readings), max(i for i, _ in readings), self.encode_readings([r for _, r in readings]))
+            return 0, 0, []
+        return len(readings), max(i for i, _ in readings), self.encode_readings([r for _, r in readings])
+
+    async def _advanced(self, keep: int = 0) -> None:
+        """Wait for cursor moves until at most `keep` are in flight; a move that failed raises here."""
+        while self._advancing and (len(self._advancing) > keep or self._advancing[0].done()):
+            await self._advancing.popleft()
 
     def _drop_ahead(self) -> None:
         """Forget a batch read ahead (its batch was not sent): it is read again from the cursor."""
