@@ -219,13 +219,17 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             influxd = server._proc.pid if server._proc else proc.pid
             extra = {"points": lambda: float(sink.counters["sent_lines"]), "influxd_cpu": lambda: cpu_of(influxd)}
             backlog0, appended0 = await journal.backlog(sink.cursor), journal.stats["appended"]
-            tasks.append(asyncio.create_task(sink.run(journal, stop)))
-            phase2 = await window(args.duration, obs, journal, proc.pid, list(buses.values()), boundary, extra)
-            backlog1, appended1 = await journal.backlog(sink.cursor), journal.stats["appended"]
-            phase2.update(backlog_start=backlog0, backlog_end=backlog1,
-                          forwarded_per_s=(appended1 - appended0 + backlog0 - backlog1) / phase2["seconds"])
+            if not args.drain_only:
+                tasks.append(asyncio.create_task(sink.run(journal, stop)))
+                phase2 = await window(args.duration, obs, journal, proc.pid, list(buses.values()), boundary, extra)
+                backlog1, appended1 = await journal.backlog(sink.cursor), journal.stats["appended"]
+                phase2.update(backlog_start=backlog0, backlog_end=backlog1,
+                              forwarded_per_s=(appended1 - appended0 + backlog0 - backlog1) / phase2["seconds"])
             collecting.cancel()  # phase 3: the sink alone drains the backlog
             await asyncio.wait([collecting], timeout=30)
+            if args.drain_only:  # the sink starts now, with everything collected so far waiting
+                backlog1 = await journal.backlog(sink.cursor)
+                tasks.append(asyncio.create_task(sink.run(journal, stop)))
             lines0, cpu0, t0 = sink.counters["sent_lines"], time.process_time(), time.perf_counter()
             influxd0 = cpu_of(influxd)
             while time.perf_counter() - t0 < args.duration and await journal.backlog(sink.cursor) > 0:
@@ -264,7 +268,8 @@ def show(r: dict[str, Any], args: argparse.Namespace) -> None:
           f"{r['base_port'] + r['buses'] - 1}), items {' + '.join(r['items'])}, gap {r['gap_s'] * 1000:g} ms, "
           f"{args.duration:g} s per phase, {os.cpu_count()} CPUs, load average {r['load'][0]:.1f} at the start, "
           f"{r['load'][1]:.1f} at the end; event loop {r['loop']}, GC {r['gc']}")
-    flags = (" --no-influx" if args.no_influx else "") + ("" if args.tune_gc else " --no-tune-gc") + \
+    flags = (" --no-influx" if args.no_influx else " --drain-only" if args.drain_only else "") + \
+        ("" if args.tune_gc else " --no-tune-gc") + \
         (f" --gen0 {args.gen0}" if args.tune_gc and args.gen0 != GEN0_THRESHOLD else "")
     print(f"reproduce: .venv/bin/python bench/scale.py --duration {args.duration:g} --loop {r['loop']}{flags}")
     for name in ("phase1", "phase2"):
@@ -340,6 +345,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=5000, help="sink lines per request")
     p.add_argument("--base-port", type=int, default=0, help="first metersim port (default: a free block)")
     p.add_argument("--no-influx", action="store_true", help="phase 1 only")
+    p.add_argument("--drain-only", action="store_true",
+                   help="no phase 2: the sink starts when collection stops and drains all of it (its drain rate)")
     p.add_argument("--profile", action="store_true", help="cProfile phase 1 (slows it down)")
     p.add_argument("--loop", choices=("auto", "asyncio", "uvloop", "both"), default="auto",
                    help="meterd's event loop (auto: uvloop when installed, as meterd run); both: asyncio, then "
