@@ -1,7 +1,8 @@
-"""InfluxDB sink throughput: readings from an in-memory journal into influxd 1.x over loopback.
+"""InfluxDB sink throughput: readings from the journal into influxd 1.x over loopback.
 
-    .venv/bin/python bench/influx_write.py                 # 200k readings, batches of 5000
-    .venv/bin/python bench/influx_write.py --quick         # CI smoke, ~2 s
+    .venv/bin/python bench/influx_write.py                 # 200k lines per case, batches of 5000 lines
+    .venv/bin/python bench/influx_write.py --quick         # CI smoke, ~5 s
+    .venv/bin/python bench/influx_write.py --journal sqlite --fields 3   # the real journal only, 3 fields a line
     .venv/bin/python bench/influx_write.py --url http://127.0.0.1:8086   # an influxd you run
     .venv/bin/python bench/influx_write.py --json
 
@@ -9,11 +10,16 @@ Without --url the bench starts its own influxd (Debian's `influxdb` package, the
 server class as tests/services.py) in a temp dir on free 127.0.0.1 ports and removes it
 afterwards. Each case writes into a fresh database through the real `InfluxSink.run` loop
 (journal read -> line protocol -> gzip -> POST /write?precision=s -> 204 -> cursor
-advance), with `batch_lines` readings per request. A reading is one field; `--fields`
-readings of the same meter and time merge into one line (5 = an energy total and four
-tariffs, the usual daily read). Reported: lines/s and readings/s (wall clock), our
-process' CPU µs per line (influxd's CPU is not included), and the encode-only rate of
-`reading_lines` for comparison. After each case the bench checks the line count in influxd.
+advance), with `batch_lines` readings per request. Journal `sqlite`: the real one (WAL,
+synchronous=FULL) in a temp dir, filled once per case shape, a fresh sink cursor per case:
+the daemon's path (rows encoded in the reader thread, the next batch read while one is sent,
+cursor commits not waited for). Journal `list`: an in-memory fake of `read_batch`, the path
+of a journal without `read_rows` (Readings encoded on the event loop, one batch at a time).
+A reading is one field; `--fields` readings of the same meter and time merge into one line
+(5 = an energy total and four tariffs, the usual daily read). Reported: lines/s and
+readings/s (wall clock, until the cursor's last commit), our process' CPU µs per line
+(influxd's CPU is not included), and the encode-only rates of `reading_lines` (Readings) and
+`row_lines` (journal rows). After each case the bench checks the line count in influxd.
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway import journal_store as store
+from gateway.journal import Journal
 from gateway.model import Reading, RoundStats
 from gateway.sinks import InfluxSink, InfluxSinkConfig
-from gateway.sinks.lineproto import reading_lines
+from gateway.sinks.lineproto import reading_lines, row_lines
 from tests.server_process import find_binary, free_tcp_ports, http_request
 from tests.services import InfluxDB
 
@@ -85,17 +93,24 @@ def count_points(url: str, db: str) -> int:
     return int(series[0]["values"][0][1]) if series else 0
 
 
-async def write_case(url: str, readings: list[Reading], batch: int, gzip: bool) -> dict[str, Any]:
+async def position(journal: ListJournal | Journal, cursor: str) -> int:
+    """The sink's durable cursor (the real journal: its last committed move)."""
+    if isinstance(journal, ListJournal):
+        return journal.cursor
+    return await journal.read(store.position, store.READINGS, cursor)
+
+
+async def write_case(url: str, journal: ListJournal | Journal, readings: list[Reading], batch: int,
+                     gzip: bool) -> dict[str, Any]:
     db = f"bench_{uuid.uuid4().hex[:8]}"
     q = urllib.parse.urlencode({"q": f'CREATE DATABASE "{db}"'})
     assert http_request("POST", f"{url}/query?{q}", b"")[0] == 200
-    journal = ListJournal(readings)
-    sink = InfluxSink(InfluxSinkConfig(name="bench", api="v1", url=url, database=db, batch_lines=batch,
+    sink = InfluxSink(InfluxSinkConfig(name=db, api="v1", url=url, database=db, batch_lines=batch,
                                        gzip=gzip, flush_interval=0.01, timeout=30.0))
     stop = asyncio.Event()
     wall, cpu = time.perf_counter(), time.process_time()
     task = asyncio.create_task(sink.run(journal, stop))
-    while journal.cursor < len(readings) and not task.done():
+    while await position(journal, sink.cursor) < len(readings) and not task.done():  # ids are 1..n
         await asyncio.sleep(0.005)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     stop.set()
@@ -103,28 +118,46 @@ async def write_case(url: str, readings: list[Reading], batch: int, gzip: bool) 
     lines = sink.counters["sent_lines"]
     points = count_points(url, db)
     assert sink.counters["dropped_lines"] == 0 and sink.counters["retries"] == 0, sink.counters
-    return {"gzip": gzip, "readings": len(readings), "lines": lines, "requests": sink.counters["sent_batches"],
+    return {"journal": "list" if isinstance(journal, ListJournal) else "sqlite", "gzip": gzip,
+            "readings": len(readings), "lines": lines, "requests": sink.counters["sent_batches"],
             "seconds": round(wall, 3), "lines_per_s": round(lines / wall),
             "readings_per_s": round(len(readings) / wall), "cpu_us_per_line": round(cpu / lines * 1e6, 1),
             "points_in_influxd": points}
 
 
-def encode_rate(readings: list[Reading], batch: int) -> float:
-    started = time.perf_counter()
-    lines = sum(len(reading_lines(readings[i:i + batch])) for i in range(0, len(readings), batch))
-    return lines / (time.perf_counter() - started)
+def encode_rates(readings: list[Reading], batch: int) -> tuple[float, float]:
+    """Lines/s of `reading_lines` over Readings and of `row_lines` over the same readings as journal rows."""
+    rows = [(n + 1, *store.to_row(r)) for n, r in enumerate(readings)]
+    rates = []
+    for encode, items in ((reading_lines, readings), (row_lines, rows)):
+        started = time.perf_counter()
+        lines = sum(len(encode(items[i:i + batch])) for i in range(0, len(items), batch))  # type: ignore[operator]
+        rates.append(lines / (time.perf_counter() - started))
+    return rates[0], rates[1]
 
 
-async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
+async def main_async(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     results = []
     for fields in args.fields:
         readings = make_readings(args.lines * fields, fields)
-        rate = encode_rate(readings, args.batch * fields)
-        for gzip in (True, False):
-            # batch_lines counts journal entries (readings); lines per request = batch (merged fields)
-            result = await write_case(args.url, readings, args.batch * fields, gzip)
-            result.update(fields_per_line=fields, encode_lines_per_s=round(rate))
-            results.append(result)
+        readings_rate, rows_rate = encode_rates(readings, args.batch * fields)
+        for kind in args.journal:
+            journal: ListJournal | Journal = ListJournal(readings)
+            if kind == "sqlite":
+                journal = Journal(tmp / f"journal-{fields}.sqlite")
+                await journal.open()
+                for i in range(0, len(readings), 2000):
+                    await journal.append(readings[i:i + 2000])
+            for gzip in (True, False):
+                if isinstance(journal, ListJournal):
+                    journal.cursor = 0
+                # batch_lines counts journal entries (readings); lines per request = batch (merged fields)
+                result = await write_case(args.url, journal, readings, args.batch * fields, gzip)
+                result.update(fields_per_line=fields, encode_lines_per_s=round(readings_rate),
+                              encode_rows_lines_per_s=round(rows_rate))
+                results.append(result)
+            if isinstance(journal, Journal):
+                await journal.close()
     return results
 
 
@@ -135,11 +168,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=5000, help="lines per request (default 5000)")
     p.add_argument("--fields", type=lambda s: [int(x) for x in s.split(",")], default=[1, 5],
                    help="readings merged per line, comma-separated cases (default 1,5)")
-    p.add_argument("--quick", action="store_true", help="20k lines, one field per line")
+    p.add_argument("--journal", type=lambda s: s.split(","), default=["sqlite", "list"],
+                   help="sqlite (the real journal, the daemon's path), list (in-memory, Readings): comma-separated")
+    p.add_argument("--quick", action="store_true", help="20k lines, one field per line, the real journal")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.quick:
-        args.lines, args.fields = 20_000, [1]
+        args.lines, args.fields, args.journal = 20_000, [1], ["sqlite"]
     server = None
     with tempfile.TemporaryDirectory(prefix="meterd-bench-") as tmp:
         if args.url is None:
@@ -148,7 +183,7 @@ def main() -> None:
             server.start()
             args.url = server.url
         try:
-            results = asyncio.run(main_async(args))
+            results = asyncio.run(main_async(args, Path(tmp)))
         finally:
             if server is not None:
                 server.stop()
@@ -156,11 +191,12 @@ def main() -> None:
         print(json.dumps(results, indent=2))
         return
     print(f"influxd 1.x at {args.url}, /write precision=s, {args.batch} lines per request")
-    print(f"{'fields/line':>11} {'gzip':>5} {'lines':>8} {'s':>7} {'lines/s':>9} {'readings/s':>11} "
-          f"{'CPU µs/line':>11} {'encode lines/s':>14}")
+    print(f"{'fields/line':>11} {'journal':>7} {'gzip':>5} {'lines':>8} {'s':>7} {'lines/s':>9} {'readings/s':>11} "
+          f"{'CPU µs/line':>11} {'encode lines/s: readings':>24} {'rows':>8}")
     for r in results:
-        print(f"{r['fields_per_line']:>11} {r['gzip']!s:>5} {r['lines']:>8} {r['seconds']:>7.2f} {r['lines_per_s']:>9} "
-              f"{r['readings_per_s']:>11} {r['cpu_us_per_line']:>11} {r['encode_lines_per_s']:>14}")
+        print(f"{r['fields_per_line']:>11} {r['journal']:>7} {r['gzip']!s:>5} {r['lines']:>8} {r['seconds']:>7.2f} "
+              f"{r['lines_per_s']:>9} {r['readings_per_s']:>11} {r['cpu_us_per_line']:>11} "
+              f"{r['encode_lines_per_s']:>24} {r['encode_rows_lines_per_s']:>8}")
         assert r["points_in_influxd"] == r["lines"], r
 
 
