@@ -76,14 +76,23 @@ class Scheduler:
             base = next_run(plan, max(self.clock(), last), self.tz)
             last = base
             due = base + self.rng.uniform(0, plan.jitter)
-            try:
-                await asyncio.wait_for(stop.wait(), max(0.0, due - self.clock()))
+            if await self._stopped_before(due, stop):
                 return
-            except TimeoutError:
-                pass
             task = asyncio.create_task(self.daily_cycle(plan, due) if plan.daily else self.run_round(plan))
             self._rounds.add(task)
             task.add_done_callback(self._round_done)
+
+    async def _stopped_before(self, due: float, stop: asyncio.Event) -> bool:
+        """Wait until the wall clock reaches `due`; True if stopped first. The loop's timers run on the
+        monotonic clock (uvloop's in whole milliseconds) and may fire a hair early by the wall clock:
+        a round must never start before its mark, so wait out the rest."""
+        while (left := due - self.clock()) > 0:
+            try:
+                await asyncio.wait_for(stop.wait(), left)
+                return True
+            except TimeoutError:
+                pass
+        return stop.is_set()
 
     def _round_done(self, task: asyncio.Task[RoundStats]) -> None:
         self._rounds.discard(task)
