@@ -189,10 +189,9 @@ class Writer:
     def _insert(conn: sqlite3.Connection, rows: list[store.Row]) -> int:
         """Insert readings; how many were new (a duplicate (meter, quantity, time) is ignored).
 
-        One statement for all the appends of a group: a few hundred executemany calls of six rows
-        each cost the writer thread (and the GIL) more than the rows themselves."""
+        One call for all the appends of a group (multi-row statements, see `insert_rows`)."""
         before = conn.total_changes
-        conn.executemany(store.INSERT_READING, rows)
+        store.insert_rows(conn, rows)
         return conn.total_changes - before
 
     @staticmethod

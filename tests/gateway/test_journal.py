@@ -85,6 +85,23 @@ def test_value_types_property(value, t, frozen, quality):
     assert got == sent and type(got.value) is type(value)
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(keys=st.lists(st.tuples(st.integers(0, 3), st.sampled_from("abc"), st.integers(0, 5)), max_size=300))
+def test_multi_row_insert_equals_one_row_at_a_time(keys):
+    """Any row count (chunks of 64 down to 1), duplicates inside one statement and across chunks:
+    the same rows and the same count of new ones as one INSERT OR IGNORE per row."""
+    rows = [store.to_row(reading(m, q, float(i), 1_700_000_000.0 + t)) for i, (m, q, t) in enumerate(keys)]
+    results = []
+    for insert in (store.insert_rows, lambda conn, rs: conn.executemany(store.INSERT_READING, rs)):
+        PROP.execute("DELETE FROM readings")
+        before = PROP.total_changes
+        insert(PROP, rows)
+        results.append((PROP.total_changes - before,
+                        PROP.execute(f"SELECT {store.COLUMNS} FROM readings ORDER BY id").fetchall()))
+    assert results[0] == results[1]
+    assert results[0][0] == len(set(keys))
+
+
 async def test_unsupported_value_is_a_typed_error(journal):
     with pytest.raises(BadReading, match="list"):
         await journal.append([reading(value=[1, 2])])
