@@ -146,6 +146,7 @@ def run_peer(job: Json) -> Json:
 def run_ours(job: Json) -> Json:
     from protocols.dlt645 import Accept, Frame, Framer, decode, parse, read_request, to_wire  # noqa: PLC0415
     from protocols.dlt645.frame import _ADDRESSES  # noqa: PLC0415
+    from protocols.dlt645.requests import build_read_request  # noqa: PLC0415
     from protocols.dlt645.spec import COMPILED_FRAME, FRAME  # noqa: PLC0415
 
     n, bare = job["n"], RAW.lstrip(b"\xfe")
@@ -175,7 +176,7 @@ def run_ours(job: Json) -> Json:
         "compiled": per_call(lambda: COMPILED_FRAME.parse(bare), n["compiled"]),
         "construct": per_call(lambda: FRAME.parse(bare), n["construct"]),
         "decode": per_call(lambda: decode(parse(RAW)).values["forward_active_energy"].value, n["decode"]),
-        "build": per_call(lambda: read_request(ADDRESS, DI, preamble=4), n["build"]),
+        "build": per_call(lambda: build_read_request(ADDRESS, DI, preamble=4), n["build"]),  # not the cache
         "stream": stream_figures(frames, chunks,
                                  lambda f: f"{to_wire(f.address).hex()} {f.control:02x} {f.data.hex()}"),
     }

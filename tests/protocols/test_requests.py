@@ -136,3 +136,16 @@ def test_bad_arguments_are_typed_errors():
 ])
 def test_relay_status_from_status_word_3(word, action, ok):
     assert RelayStatus.from_word(word).satisfies(action) is ok
+
+
+def test_cached_plain_reads_are_the_built_frames_and_errors_stay_errors():
+    from protocols.dlt645.requests import build_read_request  # noqa: PLC0415
+
+    for address, di, edition, preamble in (("000102030425", 0x00010000, 2007, 4), ("12", 0x9010, 1997, 0),
+                                           ("AAAAAAAAAAAA", 0x0201FF00, 2007, 0)):
+        first = read_request(address, di, edition, preamble=preamble)
+        assert first == read_request(address, di, edition, preamble=preamble)
+        assert first == build_read_request(address, di, edition, preamble=preamble)
+    for _ in range(2):  # an error is raised every time, never cached as a frame
+        with pytest.raises(EncodeError):
+            read_request("000102030425", 0x1_0000, 1997)
