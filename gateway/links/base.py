@@ -222,6 +222,7 @@ class Link(Reconnecting):
     """A pipe to meters; see the module docstring. Subclasses implement `run` and `_transmit`."""
 
     message_pipe: ClassVar[bool] = False  # True: receive() returns one message, never joins
+    sync_send: ClassVar[bool] = False  # True: send_nowait() works (the transport buffers writes)
 
     def __init__(self, name: str, *, reconnect_min: float = RECONNECT_MIN, reconnect_max: float = RECONNECT_MAX,
                  inbox_items: int = INBOX_ITEMS, inbox_bytes: int = INBOX_BYTES) -> None:
@@ -249,6 +250,18 @@ class Link(Reconnecting):
         await self._transmit(data)
         self.stats["bytes_out"] += len(data)
         self.stats["sends"] += 1
+
+    def send_nowait(self, data: bytes) -> None:
+        """`send` from a callback, for links with `sync_send`: the bus sends the next request from
+        the reply's callback, so a busy line costs no task switch per transaction."""
+        if not self._up:
+            raise LinkDown(f"{self.name}: {self.detail}")
+        self._write(data)
+        self.stats["bytes_out"] += len(data)
+        self.stats["sends"] += 1
+
+    def _write(self, data: bytes) -> None:
+        raise NotImplementedError
 
     async def receive(self, timeout: float) -> bytes:
         """The next chunk (byte links: all bytes received so far) or message.

@@ -44,7 +44,12 @@ class PeerLink(Link):
     async def run(self, stop: asyncio.Event) -> None:
         await stop.wait()
 
+    sync_send: ClassVar[bool] = True
+
     async def _transmit(self, data: bytes) -> None:
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
         sock = self._socket
         if sock is None or sock.transport is None or sock.transport.is_closing():
             raise LinkDown(f"{self.name}: {self.detail}")

@@ -121,7 +121,12 @@ class ByteLink(Link):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(protocol.lost), CLOSE_WAIT)
 
+    sync_send: ClassVar[bool] = True
+
     async def _transmit(self, data: bytes) -> None:
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
             raise LinkDown(f"{self.name}: {self.detail}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -190,3 +191,67 @@ async def test_a_drop_mid_reply_is_link_down_and_the_next_request_works_after_re
     assert await link.wait_up(5)
     assert await read(bus, "000000000001") == 0.0
     assert link.stats["bytes_in"] == 5 + len(REPLY)
+
+
+# --- the bus's own bookkeeping: the gap, jobs queued before it runs, stopping -----------------------
+
+@pytest.fixture
+async def echo_peer():
+    """A TCP peer that answers every request with REPLY and notes when each request arrived."""
+    arrivals: list[float] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.read(256):
+                arrivals.append(time.monotonic())
+                writer.write(REPLY)
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    link = TcpLink("peer", "127.0.0.1", server.sockets[0].getsockname()[1])
+    stop = asyncio.Event()
+    task = asyncio.create_task(link.run(stop))
+    assert await link.wait_up(5)
+    try:
+        yield link, arrivals
+    finally:
+        stop.set()
+        await task
+        server.close()
+
+
+async def test_the_gap_keeps_the_line_quiet_and_the_caller_hears_after_it(echo_peer):
+    link, arrivals = echo_peer
+    bus = Bus(link, Timing(first_byte=0.5, inter_byte=0.1, gap=0.3, retries=0, preamble=0))
+    stop = asyncio.Event()
+    queued = [asyncio.create_task(read(bus, "000000000001")) for _ in range(3)]  # before the bus runs
+    await asyncio.sleep(0.05)
+    assert not any(t.done() for t in queued) and arrivals == []
+    runner = asyncio.create_task(bus.run(stop))
+    started = time.monotonic()
+    assert await asyncio.gather(*queued) == [0.0, 0.0, 0.0]
+    assert len(arrivals) == 3
+    assert all(b - a >= 0.29 for a, b in itertools.pairwise(arrivals))  # nothing went out in a gap
+    assert time.monotonic() - started >= 3 * 0.29  # each result came after its gap
+    stop.set()
+    await runner
+
+
+async def test_stopping_the_bus_settles_every_job(echo_peer):
+    link, arrivals = echo_peer
+    bus = Bus(link, Timing(first_byte=0.5, inter_byte=0.1, gap=5.0, retries=0, preamble=0))
+    stop = asyncio.Event()
+    runner = asyncio.create_task(bus.run(stop))
+    first = asyncio.create_task(read(bus, "000000000001"))
+    second = asyncio.create_task(read(bus, "000000000001"))
+    while not arrivals:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # the first job is answered and waits out its 5 s gap
+    stop.set()
+    await runner
+    assert await first == 0.0  # answered before the stop: the result is not lost
+    with pytest.raises(LinkIsDown, match="stopped"):
+        await second
+    assert len(arrivals) == 1
