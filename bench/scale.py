@@ -114,7 +114,8 @@ class Counting(Observer):
     def outcome(self, round_id: str, outcome: Outcome, *, plan: str, link: str, area: str) -> None:
         self.ok += outcome.ok
         self.failed += not outcome.ok
-        self.reasons.update([] if outcome.ok else [str(outcome.reason)])
+        if not outcome.ok:
+            self.reasons[str(outcome.reason)] += 1
         super().outcome(round_id, outcome, plan=plan, link=link, area=area)
 
 

@@ -158,7 +158,10 @@ class CollectionStats:
     def outcome(self, round_id: str, outcome: Outcome, *, plan: str, link: str, area: str) -> None:
         result = OK if outcome.ok else str(outcome.reason or Reason.NO_REPLY)
         now = self.clock()
-        self.outcomes_total.setdefault(plan, Counter())[result] += 1
+        totals = self.outcomes_total.get(plan)
+        if totals is None:  # not setdefault: that would build a Counter per outcome
+            totals = self.outcomes_total[plan] = Counter()
+        totals[result] += 1
         m = self.meters.get(outcome.meter)
         if m is None:
             m = self.meters[outcome.meter] = MeterState()
@@ -287,7 +290,10 @@ class CollectionStats:
             else:
                 day.plans[slot.plan].expected += 1
         day.plans[slot.plan].add(result)
-        for tally in (day.areas.setdefault(area, Tally()), day.links.setdefault(link, Tally())):
+        for tallies, key in ((day.areas, area), (day.links, link)):
+            tally = tallies.get(key)
+            if tally is None:
+                tally = tallies[key] = Tally()
             tally.expected += 1
             tally.add(result)
         m.slots[slot.plan] = (slot.seq, result, area, link)
