@@ -58,6 +58,7 @@ class Journal:
         self._reader: ThreadPoolExecutor | None = None
         self._rconn: sqlite3.Connection | None = None
         self._cursors: set[tuple[str, str]] = set()
+        self._batches: dict[asyncio.AbstractEventLoop, Op] = {}  # appends of this turn of each loop, not handed over
 
     async def __aenter__(self) -> Journal:
         await self.open()
@@ -95,6 +96,10 @@ class Journal:
 
     async def close(self) -> None:
         """Commit what is queued, then stop the writer thread and close both connections."""
+        writer = self._writer
+        for loop, batch in list(self._batches.items()):  # what was gathered goes before the stop
+            if writer is not None and self._batches.pop(loop, None) is batch:
+                writer.submit(batch)
         writer, self._writer = self._writer, None
         if writer is not None:
             done = asyncio.get_running_loop().create_future()
@@ -115,7 +120,37 @@ class Journal:
         (meter, quantity, time) is ignored and counted in stats["duplicates"].
         If the caller is cancelled the rows may still be committed; appending again is harmless."""
         if readings:
-            await self._submit("append", [store.to_row(r) for r in readings])
+            await asyncio.shield(self.append_nowait(readings))  # the future is shared: never cancel it
+
+    def append_nowait(self, readings: list[Reading]) -> asyncio.Future[None]:
+        """`append` for a caller that goes on meanwhile: the future is done once the rows are committed.
+
+        BadReading (and a closed journal) is raised here, before anything is queued. The appends of one
+        turn of the event loop go to the writer as one request with one future, shared by their callers
+        (add a callback, or shield it before awaiting it): one hand-over to the thread, not one each."""
+        rows = [store.to_row(r) for r in readings]
+        if self._writer is None:
+            raise JournalError(f"the journal {self.path} is not open")
+        loop = asyncio.get_running_loop()
+        batch = self._batches.get(loop)
+        if batch is None or len(batch.rows) >= self.config.batch_max:
+            self._flush(loop)
+            batch = self._batches[loop] = Op("append", loop.create_future(), [])
+            loop.call_soon(self._flush, loop)
+        batch.rows += rows
+        future: asyncio.Future[None] = batch.future
+        return future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand the appends gathered in this turn of `loop` to the writer."""
+        batch = self._batches.pop(loop, None)
+        if batch is None:
+            return
+        if self._writer is None:
+            if not batch.future.done():
+                batch.future.set_exception(JournalError(f"the journal {self.path} was closed"))
+            return
+        self._writer.submit(batch)
 
     async def read_batch(self, cursor: str, limit: int) -> list[tuple[int, Reading]]:
         """Readings after this sink's cursor, oldest first, as (id, reading)."""
@@ -219,11 +254,15 @@ class Journal:
     # ---- plumbing ----
 
     async def _submit(self, kind: str, rows: list[store.Row] | None = None, args: tuple[Any, ...] = ()) -> Any:
+        return await self._queue(kind, rows, args)
+
+    def _queue(self, kind: str, rows: list[store.Row] | None = None, args: tuple[Any, ...] = ()) -> asyncio.Future[Any]:
+        self._flush(asyncio.get_running_loop())  # requests reach the writer in the order they were made
         if self._writer is None:
             raise JournalError(f"the journal {self.path} is not open")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._writer.submit(Op(kind, future, rows or [], args))
-        return await future
+        return future
 
     async def _ensure_cursor(self, stream: str, name: str) -> None:
         """A sink's cursor starts at 0 (the whole journal) and is stored the first time it is used."""

@@ -130,6 +130,23 @@ async def test_concurrent_appends_share_transactions(tmp_path):
         assert j.stats["commit_seconds_total"] > 0
 
 
+async def test_appends_of_one_loop_turn_go_as_one_request_in_order_and_each_caller_on_its_own(tmp_path):
+    async with Journal(tmp_path / "j.sqlite", FAST) as j:
+        shared = [j.append_nowait(series(3, meter=m)) for m in (1, 2)]
+        assert shared[0] is shared[1]  # one hand-over to the writer for the whole turn
+        with pytest.raises(BadReading):  # refused before it is queued: the others are not touched
+            j.append_nowait([reading(3, value=object())])
+        victim = asyncio.ensure_future(j.append(series(3, meter=4)))
+        seen = asyncio.ensure_future(j.write(lambda conn: conn.execute("SELECT count(*) FROM readings").fetchone()[0]))
+        survivor = asyncio.ensure_future(j.append(series(3, meter=5)))
+        await asyncio.sleep(0)
+        victim.cancel()  # a cancelled caller must not cancel the request it shares with others
+        assert await seen == 9  # the appends made before it are committed before it runs
+        await survivor
+        await asyncio.gather(*shared)
+        assert len(await j.meters()) == 4 and j.stats["appended"] == 12
+
+
 CHILD = textwrap.dedent("""
     import asyncio, sys, time
     sys.path.insert(0, sys.argv[2])
