@@ -24,7 +24,18 @@ from zoneinfo import ZoneInfo
 from gateway.archive import MeterConfig
 from gateway.bus import BadFrame, Bus, BusError, Priority, Timing
 from gateway.model import Outcome, Quality, Reading, Reason, Value
-from protocols.dlt645 import DataItem, DecodeError, Error2007, ReadSequence, Reply, decode, error_names, find
+from protocols.dlt645 import (
+    DataItem,
+    DecodeError,
+    Error2007,
+    Frame,
+    ReadSequence,
+    Reply,
+    decode,
+    error_names,
+    find,
+    read_request,
+)
 from protocols.dlt645.blocks import Read, fields_of, missing, plan_reads
 
 PLAN_CACHE = 4096  # (items, edition, tariffs, refused blocks) -> reads; the same few plans for every meter
@@ -112,19 +123,36 @@ class Dlt645Reader:
         return reads
 
     async def _exchange(self, bus: Bus, meter: MeterConfig, di: int, priority: Priority) -> Reply:
-        sequence = ReadSequence(meter.address, di, meter.edition, tariffs=meter.tariffs)
-        request: bytes | None = sequence.request
+        """One item: a single frame almost always; a `ReadSequence` takes over when the meter has more."""
+        address, edition, tariffs = meter.address, meter.edition, meter.tariffs
         timing = self.timing_for(meter)
+        reply = self._decode(await bus.transact(read_request(address, di, edition), address, priority=priority,
+                                                timing=timing), meter)
+        if reply.error is not None or (reply.di == di and not reply.more):
+            return reply
+        sequence = ReadSequence(address, di, edition, tariffs=tariffs)
+        request: bytes | None = self._feed(sequence, reply, address)
         while request is not None:
-            frame = await bus.transact(request, meter.address, priority=priority, timing=timing)
-            if frame is None:
-                raise BadFrame("no frame")
-            try:
-                request = sequence.feed(decode(frame, meter.edition, tariffs=meter.tariffs))
-            except DecodeError as exc:
-                raise BadFrame(f"undecodable reply from {meter.address}: {exc}") from exc
+            frame = await bus.transact(request, address, priority=priority, timing=timing)
+            request = self._feed(sequence, self._decode(frame, meter), address)
         assert sequence.reply is not None
         return sequence.reply
+
+    @staticmethod
+    def _decode(frame: Frame | None, meter: MeterConfig) -> Reply:
+        if frame is None:
+            raise BadFrame("no frame")
+        try:
+            return decode(frame, meter.edition, tariffs=meter.tariffs)
+        except DecodeError as exc:
+            raise BadFrame(f"undecodable reply from {meter.address}: {exc}") from exc
+
+    @staticmethod
+    def _feed(sequence: ReadSequence, reply: Reply, address: str) -> bytes | None:
+        try:
+            return sequence.feed(reply)
+        except DecodeError as exc:
+            raise BadFrame(f"undecodable reply from {address}: {exc}") from exc
 
     async def _freeze_time(self, bus: Bus, meter: MeterConfig, di: int, priority: Priority) -> float:
         reply = await self._exchange(bus, meter, di, priority)
@@ -142,12 +170,16 @@ class Dlt645Reader:
         for name, q in reply.values.items():
             if only is not None and name not in only:
                 continue
-            if "_freeze_time_" in name:
-                if stamp is None and isinstance(q.value, dt.datetime):
-                    stamp = q.value.replace(tzinfo=self.tz).timestamp()
-                continue
-            value: Value = q.value.isoformat() if isinstance(q.value, dt.datetime | dt.date | dt.time) else q.value
+            raw = q.value
+            value: Value = raw
+            if type(raw) is not float:  # the bulk are floats; the rest: freeze times, dates, ints, text
+                if "_freeze_time_" in name:
+                    if stamp is None and isinstance(raw, dt.datetime):
+                        stamp = raw.replace(tzinfo=self.tz).timestamp()
+                    continue
+                if isinstance(raw, dt.datetime | dt.date | dt.time):
+                    value = raw.isoformat()
             out.append(Reading(meter.address, name, value, q.unit, stamp if stamp is not None else collected,
                                collected, self.station, link, plan, stamp is not None,
-                               Quality.INVALID if "invalid" in q.flags else quality))
+                               Quality.INVALID if q.flags and "invalid" in q.flags else quality))
         return out

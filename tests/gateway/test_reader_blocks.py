@@ -147,3 +147,25 @@ async def test_other_blocks_merge_too(items):
         a, b, tx, single_tx = await read_both(bus, MeterConfig(address="000000000007", link="line"), items)
     assert a.ok and same(a) == same(b) and (tx, single_tx) == (1, 2)
     assert a.reason is None and b.reason is None
+
+
+async def test_an_item_longer_than_one_frame_is_read_with_follow_ups_and_decoded_whole():
+    from protocols.dlt645 import decode_data, find  # noqa: PLC0415
+    from simulators.meter import Registers  # noqa: PLC0415
+
+    sim = meter("000000000003")
+    async with line_bus(sim) as bus:
+        reader = Dlt645Reader("st", TZ, lambda m: TIMING)
+        before = bus.stats["requests"]
+        outcome = await reader.read(bus, MeterConfig(address="000000000003", link="line"), ["daily_freeze_last1"],
+                                    plan="p")
+        transactions = bus.stats["requests"] - before
+    payload = Registers(sim).payload(find("daily_freeze_last1", 2007).di, T)
+    assert payload is not None and len(payload) > 200  # more than one frame's DATA
+    decoded = decode_data(find("daily_freeze_last1", 2007).di, payload, 2007).values.items()
+    expected = {name: q.value.isoformat() if hasattr(q.value, "isoformat") else q.value for name, q in decoded
+                if "_freeze_time_" not in name}
+    assert outcome.ok, outcome.detail
+    assert {r.quantity: r.value for r in outcome.readings} == expected and len(expected) > 10
+    assert all(r.frozen for r in outcome.readings)  # stamped with the record's own freeze time
+    assert transactions == 3  # its freeze time (05060001), the read and one follow-up (12 with SEQ 1)
