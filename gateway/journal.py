@@ -41,6 +41,7 @@ __all__ = ["BadReading", "Journal", "JournalConfig", "JournalError"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 FILENAME = "journal.sqlite"
+APPEND_LINGER = 0.005  # s appends gather before they go to the writer together
 COUNTERS = ("appended", "duplicates", "batches", "dropped_age", "dropped_bytes", "dropped_unforwarded",
             "dropped_rounds", "write_errors")
 
@@ -58,7 +59,7 @@ class Journal:
         self._reader: ThreadPoolExecutor | None = None
         self._rconn: sqlite3.Connection | None = None
         self._cursors: set[tuple[str, str]] = set()
-        self._batches: dict[asyncio.AbstractEventLoop, Op] = {}  # appends of this turn of each loop, not handed over
+        self._batches: dict[asyncio.AbstractEventLoop, Op] = {}  # appends gathered on each loop, not handed over
 
     async def __aenter__(self) -> Journal:
         await self.open()
@@ -125,9 +126,10 @@ class Journal:
     def append_nowait(self, readings: list[Reading]) -> asyncio.Future[None]:
         """`append` for a caller that goes on meanwhile: the future is done once the rows are committed.
 
-        BadReading (and a closed journal) is raised here, before anything is queued. The appends of one
-        turn of the event loop go to the writer as one request with one future, shared by their callers
-        (add a callback, or shield it before awaiting it): one hand-over to the thread, not one each."""
+        BadReading (and a closed journal) is raised here, before anything is queued. The appends of a few
+        milliseconds (APPEND_LINGER, far less than a commit takes) go to the writer as one request with one
+        future, shared by their callers (add a callback, or shield it before awaiting it): one hand-over to
+        the thread and one wake-up of it, not one each. Any other request hands them over first."""
         rows = [store.to_row(r) for r in readings]
         if self._writer is None:
             raise JournalError(f"the journal {self.path} is not open")
@@ -136,13 +138,13 @@ class Journal:
         if batch is None or len(batch.rows) >= self.config.batch_max:
             self._flush(loop)
             batch = self._batches[loop] = Op("append", loop.create_future(), [])
-            loop.call_soon(self._flush, loop)
+            loop.call_later(APPEND_LINGER, self._flush, loop)
         batch.rows += rows
         future: asyncio.Future[None] = batch.future
         return future
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Hand the appends gathered in this turn of `loop` to the writer."""
+        """Hand the appends gathered on `loop` to the writer, if any are waiting."""
         batch = self._batches.pop(loop, None)
         if batch is None:
             return

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import sqlite3
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ def insert_rows(conn: sqlite3.Connection, rows: list[Row]) -> None:
     while i < n:
         while n - i < size:
             size //= 2
-        conn.execute(_insert_sql(size), [v for row in rows[i:i + size] for v in row])
+        conn.execute(_insert_sql(size), list(chain.from_iterable(rows[i:i + size])))
         i += size
 
 
