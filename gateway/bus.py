@@ -119,6 +119,9 @@ class Bus:
         self._stalled = False  # the next job waits for the link: run() handles it
         self._outgoing: tuple[_Job, bytes] | None = None  # for run() to send (a link without sync_send)
         self._wakeup: asyncio.Future[None] | None = None  # run() waits on it
+        # The loop the bus runs on, kept: asyncio.get_running_loop() is a getpid() system call on
+        # CPython 3.11, and the hot path would make several per transaction.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._done: tuple[_Job | None, Frame | BusError | None] = (None, None)  # a result waiting for its gap
 
     @property
@@ -141,8 +144,11 @@ class Bus:
             self.stats["degraded_skips"] += 1
             raise Degraded(f"{address} is degraded after {health.failures} failures; next probe in "
                            f"{health.probe_at - now:.0f} s")
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
         job = _Job(int(priority), next(self._seq), request, address, timing or self.timing, broadcast,
-                   asyncio.get_running_loop().create_future())
+                   loop.create_future())
         if health and health.failures >= self.degrade_after:
             health.probe_at = now + health.backoff  # only one probe in flight per interval
         heapq.heappush(self._heap, (job.priority, job.seq, job))
@@ -152,7 +158,7 @@ class Bus:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve jobs until stop is set; jobs still queued then fail with LinkIsDown."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         stopping = asyncio.ensure_future(stop.wait())
         self._serving = True
         try:
@@ -198,6 +204,12 @@ class Bus:
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(stopped)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _kick(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
@@ -296,7 +308,7 @@ class Bus:
     def _after_gap(self, timing: Timing, job: _Job | None = None, result: Frame | BusError | None = None) -> None:
         self._done = (job, result)
         if timing.gap > 0 and self._serving:
-            self._gap = asyncio.get_running_loop().call_later(timing.gap, self._deliver)
+            self._gap = self._running_loop().call_later(timing.gap, self._deliver)
         else:
             self._deliver()
 
@@ -329,7 +341,7 @@ class Bus:
             if timer.when() <= deadline:
                 return
             timer.cancel()
-        self._timer = asyncio.get_running_loop().call_at(deadline, self._tick)
+        self._timer = self._running_loop().call_at(deadline, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
@@ -354,7 +366,7 @@ class _Answer:
         self.address = address
         self.wildcard = "A" in address
         self.timing = timing
-        self.loop = asyncio.get_running_loop()
+        self.loop = bus._running_loop()
         self.done = False
         self.received = 0
         self.errors: list[FrameError] = []

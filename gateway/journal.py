@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,7 @@ class Journal:
         self._rconn: sqlite3.Connection | None = None
         self._cursors: set[tuple[str, str]] = set()
         self._batches: dict[asyncio.AbstractEventLoop, Op] = {}  # appends gathered on each loop, not handed over
+        self._loop_of: dict[int, asyncio.AbstractEventLoop] = {}  # thread -> the loop it ran appends on
 
     async def __aenter__(self) -> Journal:
         await self.open()
@@ -133,7 +135,9 @@ class Journal:
         rows = [store.to_row(r) for r in readings]
         if self._writer is None:
             raise JournalError(f"the journal {self.path} is not open")
-        loop = asyncio.get_running_loop()
+        loop = self._loop_of.get(threading.get_ident())
+        if loop is None or not loop.is_running():  # one running loop per thread at a time
+            loop = self._loop_of[threading.get_ident()] = asyncio.get_running_loop()  # (a getpid() call)
         batch = self._batches.get(loop)
         if batch is None or len(batch.rows) >= self.config.batch_max:
             self._flush(loop)
