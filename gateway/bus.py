@@ -18,7 +18,6 @@ period) and links whose send must be awaited (MQTT).
 from __future__ import annotations
 
 import asyncio
-import enum
 import heapq
 import itertools
 import logging
@@ -27,50 +26,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.bus_answer import Answer
+from gateway.bus_model import BadFrame, BusError, Degraded, LinkIsDown, NoReply, Priority, Timing
 from gateway.links.base import Link, LinkDown
-from protocols.dlt645 import Accept, Frame, FrameError, Framer
+from protocols.dlt645 import Accept, Frame, Framer
+
+__all__ = ["BadFrame", "Bus", "BusError", "Degraded", "LinkIsDown", "NoReply", "Priority", "Timing"]
 
 log = logging.getLogger(__name__)
-
-
-class Priority(enum.IntEnum):
-    CONTROL = 0
-    REREAD = 1
-    ROUTINE = 2
-    BACKGROUND = 3  # housekeeping (clock checks): only when no poll is waiting
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Per-link defaults, overridable per meter (DTUs need seconds, not milliseconds)."""
-
-    first_byte: float = 1.0
-    inter_byte: float = 0.1
-    gap: float = 0.02
-    retries: int = 1
-    preamble: int = 4
-
-
-class BusError(Exception):
-    """A transaction that did not produce a reply frame; `reason` is a `model.Reason` value."""
-
-    reason = "no_reply"
-
-
-class NoReply(BusError):
-    reason = "no_reply"
-
-
-class BadFrame(BusError):
-    reason = "bad_frame"
-
-
-class Degraded(BusError):
-    reason = "degraded"
-
-
-class LinkIsDown(BusError):
-    reason = "link_down"
 
 
 @dataclass
@@ -112,7 +75,7 @@ class Bus:
         self.link_grace = link_grace  # s a reconnecting link gets before queued jobs fail with link_down
         self._down_since: float | None = None
         self._job: _Job | None = None  # on the line: sent (or going out), waiting for its answer
-        self._answer: _Answer | None = None  # that job's reply side
+        self._answer: Answer | None = None  # that job's reply side
         self._timer: asyncio.TimerHandle | None = None  # one per bus, re-armed, never one per transaction
         self._gap: asyncio.TimerHandle | None = None  # the quiet time before the next request
         self._serving = False  # run() is active
@@ -257,7 +220,7 @@ class Bus:
         self.stats["requests"] += 1
         self.busy_since = time.monotonic()
         if not job.broadcast:
-            self._answer = _Answer(self, job.address, job.timing)
+            self._answer = Answer(self, job.address, job.timing)
             link.attach(self._answer)  # before sending: a reply may come while send() still waits (MQTT PUBACK)
         if not link.sync_send:
             self._outgoing = (job, data)
@@ -276,7 +239,7 @@ class Bus:
         elif self._answer is not None:
             self._answer.start()
 
-    def _answered(self, answer: _Answer, result: Frame | BusError | LinkDown) -> None:
+    def _answered(self, answer: Answer, result: Frame | BusError | LinkDown) -> None:
         """From the answer: a frame, a timeout (NoReply/BadFrame) or the connection lost."""
         if answer is not self._answer or self._job is None:
             return
@@ -348,81 +311,3 @@ class Bus:
         answer = self._answer
         if answer is not None and answer.deadline and not answer.done:  # started and waiting
             answer.expire()
-
-
-class _Answer:
-    """The reply side of one transaction, fed by the link as bytes arrive (a `links.Receiver`).
-
-    No task and no wait_for per transaction: the framer runs in the transport's callback and
-    hands the bus the whole frame from the address. The bus timer does both timeouts (`Bus._arm`):
-    the first-byte deadline, then the inter-byte one that each chunk moves; when the line was quiet
-    until the deadline, the framer is flushed and the answer is NoReply or BadFrame.
-    """
-
-    __slots__ = ("address", "bus", "deadline", "done", "errors", "loop", "received", "timing", "wildcard")
-
-    def __init__(self, bus: Bus, address: str, timing: Timing) -> None:
-        self.bus = bus
-        self.address = address
-        self.wildcard = "A" in address
-        self.timing = timing
-        self.loop = bus._running_loop()
-        self.done = False
-        self.received = 0
-        self.errors: list[FrameError] = []
-        self.deadline = 0.0  # 0: not started (the request is still going out)
-
-    def _finish(self, result: Frame | BusError | LinkDown) -> None:
-        self.done = True
-        self.bus._answered(self, result)
-
-    def start(self) -> None:
-        """The request is out: the first-byte timeout runs from now (inter-byte if bytes came already)."""
-        if not self.done:
-            self.deadline = self.loop.time() + (self.timing.inter_byte if self.received else self.timing.first_byte)
-            self.bus._arm(self.deadline)
-
-    def data(self, chunk: bytes) -> None:
-        if self.done or not chunk:
-            return
-        bus = self.bus
-        self.received += len(chunk)
-        if bus.trace:
-            bus.trace.debug("%s <- %s", bus.name, chunk.hex(" "))
-        for event in bus._framer.feed(chunk):
-            if isinstance(event, Frame):
-                if event.address == self.address or self.wildcard:
-                    self._finish(event)
-                    return
-                bus.stats["stray_frames"] += 1  # a late reply to an earlier request
-            else:
-                self.errors.append(event)
-        if self.deadline:  # started: the line must not go quiet for longer than the inter-byte timeout now
-            self.deadline = self.loop.time() + self.timing.inter_byte
-            self.bus._arm(self.deadline)
-
-    def lost(self, reason: str) -> None:
-        if not self.done:
-            self._finish(LinkDown(f"{self.bus.name}: {reason}"))
-
-    def expire(self) -> None:
-        """The bus timer fired: a timeout if the deadline has passed, else wait on."""
-        if self.loop.time() < self.deadline:  # an earlier transaction's deadline, or bytes came since
-            self.bus._arm(self.deadline)
-            return
-        bus = self.bus
-        for event in bus._framer.flush():  # the line went quiet: a held-back frame may still be whole
-            if isinstance(event, Frame):
-                if event.address == self.address or self.wildcard:
-                    self._finish(event)
-                    return
-                bus.stats["stray_frames"] += 1
-            else:
-                self.errors.append(event)
-        if self.received == 0:
-            bus.stats["no_reply"] += 1
-            self._finish(NoReply(f"no reply from {self.address} within {self.timing.first_byte:g} s"))
-            return
-        bus.stats["bad_frames"] += 1
-        detail = "; ".join(f"{e.reason}: {e}" for e in self.errors[:3]) or "no valid frame"
-        self._finish(BadFrame(f"{self.received} bytes from {self.address} but no valid reply ({detail})"))

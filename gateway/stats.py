@@ -291,9 +291,9 @@ class CollectionStats:
                 day.plans[slot.plan].expected += 1
         day.plans[slot.plan].add(result)
         for tallies, key in ((day.areas, area), (day.links, link)):
-            tally = tallies.get(key)
-            if tally is None:
-                tally = tallies[key] = Tally()
-            tally.expected += 1
-            tally.add(result)
+            found = tallies.get(key)
+            if found is None:
+                found = tallies[key] = Tally()
+            found.expected += 1
+            found.add(result)
         m.slots[slot.plan] = (slot.seq, result, area, link)
