@@ -408,3 +408,16 @@ async def test_requests_from_two_event_loops_are_each_settled_on_their_own_loop(
         assert theirs == ours == [None] * 20
         assert j.stats["appended"] == 120
         assert len(await j.meters()) == 40
+
+
+async def test_appends_still_gathering_when_the_journal_closes_are_committed_first(tmp_path):
+    path = tmp_path / "j.sqlite"
+    j = Journal(path, FAST)
+    await j.open()
+    pending = j.append_nowait(series(4))
+    await j.close()  # before the gathering window ended
+    assert pending.done() and pending.exception() is None
+    with pytest.raises(JournalError, match="not open"):
+        j.append_nowait(series(1, meter=2))
+    async with Journal(path, FAST) as again:
+        assert len(await again.query("000000000001")) == 4
