@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo
 from gateway.model import Outcome, Reason, RoundStats
 
 OK = "ok"
+DEGRADED = str(Reason.DEGRADED)
 HISTORY = 20  # finished rounds kept per plan
 MAX_RUNNING = 20  # running rounds per plan before the oldest is closed
 
@@ -109,6 +110,7 @@ class MeterState:
     consecutive: int = 0
     reason: Reason | None = None
     detail: str = ""
+    cause: str = ""  # the last failure that was not a degraded skip ("reason: detail")
     link: str = ""
     area: str = ""
     slots: dict[str, tuple[int, str, str, str]] = field(default_factory=dict)
@@ -170,7 +172,12 @@ class CollectionStats:
             m.last_success, m.consecutive = now, 0
             self._failing.discard(outcome.meter)
         elif outcome.reason is not Reason.BUSY:
-            m.last_failure, m.reason, m.detail = now, outcome.reason or Reason.NO_REPLY, outcome.detail
+            reason, detail = outcome.reason or Reason.NO_REPLY, outcome.detail
+            if reason is not Reason.DEGRADED:
+                m.cause = f"{reason}: {detail}"
+            elif m.cause:  # skipped because of earlier failures: say which
+                detail = f"{detail} (last failure {m.cause})"
+            m.last_failure, m.reason, m.detail = now, reason, detail
             m.consecutive += 1
             self._failing.add(outcome.meter)
         run = self._running.get(round_id)
@@ -279,6 +286,8 @@ class CollectionStats:
             _, prev_result, prev_area, prev_link = prev
             if prev_result == OK:
                 return  # already collected in this slot: a later failure does not undo it
+            if result == DEGRADED and prev_result != DEGRADED:
+                return  # skipped for the failures before: the day keeps their reason, the root cause
             day.plans[slot.plan].add(prev_result, -1)
             for tally in (day.areas[prev_area], day.links[prev_link]):
                 tally.add(prev_result, -1)

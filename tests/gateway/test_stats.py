@@ -209,3 +209,20 @@ def test_running_round_counts_what_it_reached_and_unreported_meters_count_at_the
     stats.round_finished(reread)
     plan = stats.snapshot()["today"]["plans"]["daily"]
     assert (plan["expected"], plan["collected"], plan["failed"], plan["success_ratio"]) == (4, 4, {}, 1.0)
+
+
+def test_a_degraded_skip_in_a_reread_keeps_the_days_root_cause_and_says_it() -> None:
+    clock = Clock(at(1, 0, 10))
+    stats = CollectionStats("st-01", TZ, clock=clock, degraded_after=2)
+    run_round(stats, clock, "daily", "main", {m(1): Reason.NO_REPLY, m(2): Reason.BAD_FRAME, m(3): Reason.DEGRADED})
+    run_round(stats, clock, "daily", "rr1", {m(1): Reason.DEGRADED, m(2): Reason.DEGRADED, m(3): Reason.DEGRADED},
+              reread=1)
+    day = stats.snapshot()["today"]["plans"]["daily"]
+    # m3 was degraded from the start (failures of an earlier day): degraded is all the day knows of it
+    assert day["failed"] == {"no_reply": 1, "bad_frame": 1, "degraded": 1}
+    run_round(stats, clock, "daily", "rr2", {m(1): Reason.BAD_FRAME}, reread=2)  # a real failure still replaces
+    assert stats.snapshot()["today"]["plans"]["daily"]["failed"] == {"bad_frame": 2, "degraded": 1}
+    failing = {f["meter"]: f for f in stats.top_failing()}
+    assert failing[m(2)]["reason"] == "degraded"
+    assert failing[m(2)]["detail"] == "degraded detail (last failure bad_frame: bad_frame detail)"
+    assert failing[m(3)]["detail"] == "degraded detail"  # no earlier failure known
