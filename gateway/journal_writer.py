@@ -160,7 +160,7 @@ class Writer:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             results: list[Any] = []
-            rows: list[store.Row] = []  # appends in a row, inserted by one executemany
+            rows: list[store.Row] = []  # appends in a row, inserted together (store.insert_rows)
             for op in group:
                 if op.kind == "append":
                     rows += op.rows

@@ -2,9 +2,10 @@
 
 A meter's job never overlaps its previous job of the same plan (the skip is
 counted as `busy`). A round works through each bus's meters in a few lanes
-rather than with a task per meter: the bus serialises them anyway. A reading counts as collected only after the journal
-committed it. Re-read rounds go ahead of routine polls on each bus and only
-ask the meters that have not been collected yet for that plan's day.
+rather than with a task per meter: the bus serialises them anyway. A reading
+counts as collected only after the journal committed it. Re-read rounds go
+ahead of routine polls on each bus and only ask the meters that have not
+been collected yet for that plan's day.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Links: the pipes between the daemon and its meters (serial, TCP client, TCP listener peers, MQTT).
 
 Every link keeps itself connected inside `run(stop)` and says when it is up
-or down; the bus (one task per link) sends requests and reads replies
+or down; the bus (one per link) sends requests and reads replies
 through it. See `base` for the contract and `config` for how links are
 configured and built.
 """
