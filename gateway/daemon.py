@@ -2,7 +2,8 @@
 
 Order matters: the journal opens first (nothing is collected that cannot be
 stored), links and buses start, the API and sinks follow, then systemd is
-told READY and the scheduler starts. SIGTERM stops in reverse; SIGHUP
+told READY and the scheduler starts. SIGTERM stops in reverse, except that
+each sink first gets its `drain_on_stop` to send what it still has; SIGHUP
 reloads the config, restarting only the links, buses and plans that changed.
 """
 
@@ -40,6 +41,7 @@ from gateway.stats import CollectionStats
 from gateway.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
+DRAIN_POLL = 0.1  # s between backlog counts while sinks drain at stop
 
 
 class Observer:
@@ -95,13 +97,17 @@ class Daemon:
                                meters=self.meter_for) if config.prepaid.enabled else None
 
     # --- parts --------------------------------------------------------------------------------
-    def _start(self, part: str, factory: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    def _start(self, part: str, factory: Callable[[asyncio.Event], Awaitable[None]], *,
+               with_daemon: bool = True) -> None:
+        """Run a part under supervision with its own stop event: set by `end_part`, and by the daemon's
+        stop unless `with_daemon` is False (sinks: the daemon ends them after their drain)."""
         own = asyncio.Event()
         self._parts[part] = own
 
         async def until_stopped() -> None:
             stopper = asyncio.create_task(self.stop.wait())
-            stopper.add_done_callback(lambda _: own.set())
+            if with_daemon:
+                stopper.add_done_callback(lambda _: own.set())
             try:
                 await factory(own)
             finally:
@@ -174,7 +180,31 @@ class Daemon:
     def start_sink(self, cfg: SinkConfig) -> None:
         sink = build_sink(cfg, self.config.station.name)
         self.sinks[cfg.name] = sink
-        self._start(f"sink:{cfg.name}", lambda own: sink.run(self.journal, own))
+        self._start(f"sink:{cfg.name}", lambda own: sink.run(self.journal, own), with_daemon=False)
+
+    async def drain_sinks(self) -> None:
+        """Stopping: each sink gets its `drain_on_stop` to send its backlog, then ends. What is left
+        stays in the journal and goes out on the next start (nothing is lost either way)."""
+        async def drain(name: str, sink: Sink[Any]) -> None:
+            started = loop.time()
+            if sink.settings.drain_on_stop > 0:
+                sink.wake()  # out of an idle pause: send now
+            try:
+                left = await self.journal.backlog(sink.cursor)
+                while left and loop.time() - started < sink.settings.drain_on_stop:
+                    await asyncio.sleep(DRAIN_POLL)
+                    left = await self.journal.backlog(sink.cursor)
+            except Exception as exc:  # the journal failing must not keep the daemon from stopping
+                left = -1
+                log.warning("stopping: sink %s: cannot count its backlog (%s)", name, exc)
+            finally:
+                self.end_part(f"sink:{name}")
+            if left > 0:
+                log.warning("stopping: sink %s still has %d readings to send; they go out on the next start",
+                            name, left)
+
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(drain(name, sink) for name, sink in self.sinks.items()))
 
     def start_scheduler(self) -> None:
         config = self.config
@@ -240,6 +270,7 @@ class Daemon:
                      len(self.links), len(self.config.meters), len(self.config.plans), len(self.config.sinks))
             await self.stop.wait()
             sdnotify.stopping()
+            await self.drain_sinks()
             await self.supervisor.shutdown()
             await self.api.stop()
         finally:
