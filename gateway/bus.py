@@ -79,6 +79,7 @@ class Bus:
         self._timer: asyncio.TimerHandle | None = None  # one per bus, re-armed, never one per transaction
         self._gap: asyncio.TimerHandle | None = None  # the quiet time before the next request
         self._serving = False  # run() is active
+        self._stopped = False  # run() has ended: new jobs fail at once
         self._stalled = False  # the next job waits for the link: run() handles it
         self._outgoing: tuple[_Job, bytes] | None = None  # for run() to send (a link without sync_send)
         self._wakeup: asyncio.Future[None] | None = None  # run() waits on it
@@ -100,6 +101,8 @@ class Bus:
 
         Raises NoReply, BadFrame, LinkIsDown or Degraded (routine/re-read jobs of a degraded meter).
         """
+        if self._stopped:  # a bus replaced by a reload: nobody will ever serve it
+            raise LinkIsDown(f"bus {self.name} stopped")
         health = self.health.get(address)
         now = time.monotonic()
         if (health and health.failures >= self.degrade_after and priority is not Priority.CONTROL
@@ -123,7 +126,7 @@ class Bus:
         """Serve jobs until stop is set; jobs still queued then fail with LinkIsDown."""
         loop = self._loop = asyncio.get_running_loop()
         stopping = asyncio.ensure_future(stop.wait())
-        self._serving = True
+        self._serving, self._stopped = True, False
         try:
             self._next()  # whatever was queued before the bus started
             while not stop.is_set():
@@ -149,7 +152,7 @@ class Bus:
                     self._stalled = False
                     self._next()
         finally:
-            self._serving = False
+            self._serving, self._stopped = False, True
             stopping.cancel()
             for handle in (self._timer, self._gap):
                 if handle is not None:

@@ -254,4 +254,6 @@ async def test_stopping_the_bus_settles_every_job(echo_peer):
     assert await first == 0.0  # answered before the stop: the result is not lost
     with pytest.raises(LinkIsDown, match="stopped"):
         await second
+    with pytest.raises(LinkIsDown, match="stopped"):  # a job for a stopped bus (replaced by a reload) never hangs
+        await asyncio.wait_for(read(bus, "000000000001"), 5)
     assert len(arrivals) == 1
