@@ -69,9 +69,7 @@ class SinkSettings(BaseModel):
     retry_initial: float = Field(default=1.0, gt=0)
     retry_max: float = Field(default=60.0, gt=0)
     unauthorized_retry: float = Field(default=60.0, gt=0)
-    # s a stopping daemon (SIGTERM) waits for this sink to send its backlog; what is left (the server
-    # is down, the backlog is large) stays in the journal and goes out on the next start. 0: no wait.
-    drain_on_stop: float = Field(default=5.0, ge=0, le=300)
+    drain_on_stop: float = Field(default=5.0, ge=0, le=300)  # s at SIGTERM to send the backlog (rest: next start)
 
 
 class Verdict(enum.Enum):
