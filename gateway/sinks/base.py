@@ -5,8 +5,7 @@ the journal with its own cursor per stream, at least once: the cursor moves only
 server said yes to every unit of the batch (or the unit was rejected for good and counted as
 dropped). Errors are classified like Telegraf's InfluxDB output: retry with capped exponential
 backoff and jitter (connection errors, 5xx, 408, 429, 404; Retry-After honoured), split on
-413, isolate and drop on any other 4xx, and on 401/403 keep everything and retry slowly
-("unauthorized").
+413, isolate and drop on any other 4xx, on 401/403 keep everything and retry slowly.
 """
 
 from __future__ import annotations
