@@ -99,10 +99,8 @@ class Journal:
 
     async def close(self) -> None:
         """Commit what is queued, then stop the writer thread and close both connections."""
-        writer = self._writer
-        for loop, batch in list(self._batches.items()):  # what was gathered goes before the stop
-            if writer is not None and self._batches.pop(loop, None) is batch:
-                writer.submit(batch)
+        for loop in list(self._batches):  # what was gathered goes before the stop
+            self._flush(loop)
         writer, self._writer = self._writer, None
         if writer is not None:
             done = asyncio.get_running_loop().create_future()
@@ -263,10 +261,11 @@ class Journal:
         return await self._queue(kind, rows, args)
 
     def _queue(self, kind: str, rows: list[store.Row] | None = None, args: tuple[Any, ...] = ()) -> asyncio.Future[Any]:
-        self._flush(asyncio.get_running_loop())  # requests reach the writer in the order they were made
+        loop = asyncio.get_running_loop()
+        self._flush(loop)  # requests reach the writer in the order they were made
         if self._writer is None:
             raise JournalError(f"the journal {self.path} is not open")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = loop.create_future()
         self._writer.submit(Op(kind, future, rows or [], args))
         return future
 

@@ -219,7 +219,8 @@ class Reconnecting:
 
 
 class Link(Reconnecting):
-    """A pipe to meters; see the module docstring. Subclasses implement `run` and `_transmit`."""
+    """A pipe to meters; see the module docstring. Subclasses implement `run`, and `_write` (with
+    `sync_send`) or `_transmit`."""
 
     message_pipe: ClassVar[bool] = False  # True: receive() returns one message, never joins
     sync_send: ClassVar[bool] = False  # True: send_nowait() works (the transport buffers writes)
@@ -237,19 +238,18 @@ class Link(Reconnecting):
     async def run(self, stop: asyncio.Event) -> None:
         raise NotImplementedError
 
-    async def _transmit(self, data: bytes) -> None:
-        raise NotImplementedError
-
     def tx_time(self, size: int) -> float:
         """Seconds `size` bytes take to leave on the wire (0 where the link does not pace them)."""
         return 0.0
 
     async def send(self, data: bytes) -> None:
+        if self.sync_send:
+            self.send_nowait(data)
+            return
         if not self._up:
             raise LinkDown(f"{self.name}: {self.detail}")
         await self._transmit(data)
-        self.stats["bytes_out"] += len(data)
-        self.stats["sends"] += 1
+        self._sent(data)
 
     def send_nowait(self, data: bytes) -> None:
         """`send` from a callback, for links with `sync_send`: the bus sends the next request from
@@ -257,10 +257,18 @@ class Link(Reconnecting):
         if not self._up:
             raise LinkDown(f"{self.name}: {self.detail}")
         self._write(data)
+        self._sent(data)
+
+    def _sent(self, data: bytes) -> None:
         self.stats["bytes_out"] += len(data)
         self.stats["sends"] += 1
 
+    async def _transmit(self, data: bytes) -> None:
+        """Send on a link whose send must be awaited (`sync_send` False)."""
+        raise NotImplementedError
+
     def _write(self, data: bytes) -> None:
+        """Hand the bytes to the transport (`sync_send` True)."""
         raise NotImplementedError
 
     async def receive(self, timeout: float) -> bytes:

@@ -33,6 +33,7 @@ class PeerLink(Link):
     """The link to one identity behind a listener; its `run` only waits (the listener owns the sockets)."""
 
     kind: ClassVar[str] = "tcp-peer"
+    sync_send: ClassVar[bool] = True
 
     def __init__(self, listener: Listener, identity: str) -> None:
         super().__init__(f"{listener.name}/{identity}")
@@ -43,11 +44,6 @@ class PeerLink(Link):
 
     async def run(self, stop: asyncio.Event) -> None:
         await stop.wait()
-
-    sync_send: ClassVar[bool] = True
-
-    async def _transmit(self, data: bytes) -> None:
-        self._write(data)
 
     def _write(self, data: bytes) -> None:
         sock = self._socket

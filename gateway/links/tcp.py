@@ -123,9 +123,6 @@ class ByteLink(Link):
 
     sync_send: ClassVar[bool] = True
 
-    async def _transmit(self, data: bytes) -> None:
-        self._write(data)
-
     def _write(self, data: bytes) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
