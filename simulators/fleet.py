@@ -107,11 +107,13 @@ def _endpoint(spec: BusSpec, bus: str, n: int) -> Endpoint:
         d = spec.dtu
         return Endpoint("dtu", {"host": d.host, "port": d.port, "registration": packet(_fill(d.registration, bus, n)),
                                 "register_mode": d.register_mode, "heartbeat": packet(_fill(d.heartbeat, bus, n)),
-                                "heartbeat_s": d.heartbeat_s})
+                                "heartbeat_s": d.heartbeat_s, "reconnect_min": d.reconnect_min,
+                                "reconnect_max": d.reconnect_max})
     assert spec.mqtt is not None
     m = spec.mqtt
     return Endpoint("mqtt", {"url": m.url, "request_topic": _fill(m.request_topic, bus, n),
-                             "response_topic": _fill(m.response_topic, bus, n), "encoding": m.encoding})
+                             "response_topic": _fill(m.response_topic, bus, n), "encoding": m.encoding,
+                             "reconnect_min": m.reconnect_min, "reconnect_max": m.reconnect_max})
 
 
 def plan(spec: FleetFile) -> list[BusPlan]:

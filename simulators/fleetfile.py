@@ -150,7 +150,20 @@ class MeterEntry(MeterOptions):
         return [f"{a:012d}" for a in range(first, first + (self.count or 1))]
 
 
-class DtuSpec(_Model):
+class _Redial(_Model):
+    """How a client exposure (DTU, MQTT) redials: capped exponential backoff in seconds, as in the field."""
+
+    reconnect_min: Annotated[float, Field(gt=0)] = 1.0
+    reconnect_max: Annotated[float, Field(gt=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _order(self) -> _Redial:
+        if self.reconnect_max < self.reconnect_min:
+            raise ValueError(f"reconnect_max ({self.reconnect_max:g}) is below reconnect_min ({self.reconnect_min:g})")
+        return self
+
+
+class DtuSpec(_Redial):
     host: Annotated[str, Field(min_length=1)]
     port: Annotated[int, Field(ge=1, le=65535)]
     registration: Packet = ""
@@ -159,7 +172,7 @@ class DtuSpec(_Model):
     heartbeat_s: Annotated[float, Field(gt=0)] = 60.0
 
 
-class MqttSpec(_Model):
+class MqttSpec(_Redial):
     url: Annotated[str, Field(pattern=r"^mqtt://[^/]+")]
     request_topic: Annotated[str, Field(min_length=1)] = "metersim/{bus}/request"
     response_topic: Annotated[str, Field(min_length=1)] = "metersim/{bus}/response"

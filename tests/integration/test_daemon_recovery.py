@@ -284,8 +284,11 @@ def test_mqtt_broker_restart(rig: Rig, mosquitto: Any, unique_topic: str) -> Non
     url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
     req, resp = f"{unique_topic}/request", f"{unique_topic}/response"
     meters = addresses(501)
-    _, sim = rig.sim("sim-mqtt", fleet(free_tcp_port(), "air", f'mqtt = {{url = "{url}", request_topic = "{req}", '
-                                                                  f'response_topic = "{resp}"}}', 501))
+    # The simulated meters redial the broker as meterd does (capped at RECONNECT_MAX): with metersim's 30-s
+    # default cap, its own backoff, not meterd, would decide when collection can resume.
+    exposure = (f'mqtt = {{url = "{url}", request_topic = "{req}", response_topic = "{resp}", '
+                f'reconnect_max = {RECONNECT_MAX}}}')
+    _, sim = rig.sim("sim-mqtt", fleet(free_tcp_port(), "air", exposure, 501))
     rig.start_meterd("air", f'kind = "mqtt"\nurl = "{url}"\nrequest_topic = "{req}"\nresponse_topic = "{resp}"',
                      meters)
     rig.wait_collected_after(0, SETTLE, "first readings")

@@ -64,7 +64,7 @@ repeat = 2
 meters = 2
 first_address = "000000000200"
 dtu = { host = "gw", port = 7000, registration = "REG-{bus}", register_mode = "both", heartbeat = "hex:fe01",\
-        heartbeat_s = 5 }
+        heartbeat_s = 5, reconnect_min = 0.5, reconnect_max = 4 }
 
 [[buses]]
 name = "m"
@@ -119,10 +119,12 @@ def test_a_fleet_file_builds_its_buses_meters_exposures_and_faults():
     assert fleet.endpoints["a"].options == {"host": "127.0.0.1", "port": 9000}
     assert fleet.endpoints["s"].options == {"device": "/dev/ttyUSB0", "baud": 2400, "parity": "N"}
     assert fleet.endpoints["d2"].options == {"host": "gw", "port": 7000, "registration": b"REG-d2",
-                                             "register_mode": "both", "heartbeat": b"\xfe\x01", "heartbeat_s": 5.0}
+                                             "register_mode": "both", "heartbeat": b"\xfe\x01", "heartbeat_s": 5.0,
+                                             "reconnect_min": 0.5, "reconnect_max": 4.0}
     assert list(d1.meters) == ["000000000200", "000000000201"] and list(d2.meters) == ["000000000202", "000000000203"]
     assert fleet.endpoints["m-2"].options == {"url": "mqtt://broker", "request_topic": "x/m-2/req",
-                                              "response_topic": "x/m-2/rsp", "encoding": "hex"}
+                                              "response_topic": "x/m-2/rsp", "encoding": "hex",
+                                              "reconnect_min": 1.0, "reconnect_max": 30.0}
     assert list(m1.meters) == ["000000000300"] and list(m2.meters) == ["000000000301"]
 
     old = s.meters["000000000001"]
@@ -178,6 +180,10 @@ BAD = [
      "f.toml: buses[0].meters[0]: give either address or from (+ count)"),
     (BUS.replace('tcp = "127.0.0.1:0"', 'dtu = {host = "h", port = 1, registration = "hex:zz"}'),
      "f.toml: buses[0].dtu.registration: not valid hex after 'hex:': 'zz'"),
+    (BUS.replace('tcp = "127.0.0.1:0"', 'mqtt = {url = "mqtt://b", reconnect_min = 5, reconnect_max = 2}'),
+     "f.toml: buses[0].mqtt: reconnect_max (2) is below reconnect_min (5)"),
+    (BUS.replace('tcp = "127.0.0.1:0"', 'dtu = {host = "h", port = 1, reconnect_min = 0}'),
+     "f.toml: buses[0].dtu.reconnect_min: Input should be greater than 0, got 0"),
     (BUS.replace('tcp = "127.0.0.1:0"', 'pty = "/tmp/x"') + "repeat = 2\n",
      "f.toml: buses[0]: repeat with a pty link needs {n} in the link path"),
     (BUS + "first_address = '999999999999'\n",
@@ -261,10 +267,12 @@ def test_quick_flags_describe_one_bus():
     dtu = build(flags("--dtu", "127.0.0.1:7000", "--registration", "hex:0102", "--heartbeat", "hb",
                       "--heartbeat-s", "3"), now=NOW)
     assert dtu.endpoints["bus1"].options == {"host": "127.0.0.1", "port": 7000, "registration": b"\x01\x02",
-                                             "register_mode": "once", "heartbeat": b"hb", "heartbeat_s": 3.0}
+                                             "register_mode": "once", "heartbeat": b"hb", "heartbeat_s": 3.0,
+                                             "reconnect_min": 1.0, "reconnect_max": 30.0}
     mqtt = build(flags("--mqtt", "mqtt://127.0.0.1", "--request-topic", "q", "--hex"), now=NOW)
     assert mqtt.endpoints["bus1"].options == {"url": "mqtt://127.0.0.1", "request_topic": "q",
-                                              "response_topic": "metersim/bus1/response", "encoding": "hex"}
+                                              "response_topic": "metersim/bus1/response", "encoding": "hex",
+                                              "reconnect_min": 1.0, "reconnect_max": 30.0}
     serial = build(flags("--serial", "/dev/ttyS1", "--baud", "9600"), now=NOW)
     assert serial.buses[0].wire.request_on_wire is False
     assert serial.endpoints["bus1"].options == {"device": "/dev/ttyS1", "baud": 9600, "parity": "E"}
